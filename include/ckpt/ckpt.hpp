@@ -1,0 +1,16 @@
+// ckpt — umbrella header for CPU users: reverse-mode autodiff on Eigen with checkpointing.
+#pragma once
+#include "ckpt/config.hpp"
+#include "ckpt/core/error.hpp"
+#include "ckpt/core/shape.hpp"
+#include "ckpt/core/parameter.hpp"
+#include "ckpt/core/tape.hpp"
+#include "ckpt/expr/expression.hpp"
+#include "ckpt/expr/record.hpp"
+#include "ckpt/ops/elementwise.hpp"
+#include "ckpt/ops/dropout.hpp"
+#include "ckpt/ops/matmul.hpp"
+#include "ckpt/ops/layout.hpp"
+#include "ckpt/ops/reduce.hpp"
+#include "ckpt/ops/rowwise.hpp"
+#include "ckpt/ops/loss.hpp"

@@ -1,0 +1,564 @@
+// ckpt — the tape: a Wengert list of entries over tensor nodes, with positions, roll-back,
+// backward down to a position, and the hooks a checkpointed segment needs to re-trace itself.
+//
+// Guarantees after an exception (strong unless said otherwise):
+// - an op that throws on bad input (shape_error, tape_error) has recorded nothing;
+// - backward() that throws leaves the recording as it was before the call only if the throw
+//   came before the sweep started (validation, the finite check); a throw from inside the sweep
+//   (a checkpoint re-trace that differs) leaves the tape usable after reset();
+// - reset() and reset_to() never throw.
+#pragma once
+#include "ckpt/config.hpp"
+#include "ckpt/backend/cpu/cpu.hpp"
+#include "ckpt/core/arena.hpp"
+#include "ckpt/core/backend.hpp"
+#include "ckpt/core/error.hpp"
+#include "ckpt/core/parameter.hpp"
+#include "ckpt/core/pool.hpp"
+#include "ckpt/core/shape.hpp"
+
+#include <Eigen/Core>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+namespace ckpt {
+
+template <class T, Backend B>
+class Tape;
+template <class T, Backend B>
+class Var;
+
+/// What kind of op produced a node: selective checkpoint policies choose by it.
+enum class op_kind : std::uint8_t {
+  leaf,         ///< constant, variable or parameter
+  elementwise,  ///< one fused expression
+  matmul,       ///< a matrix product
+  reduction,    ///< sum, mean, losses
+  rowwise,      ///< softmax, normalisations
+  layout,       ///< transpose, slicing, concatenation
+  boundary,     ///< a checkpoint's kept output
+  saved,        ///< a value a checkpoint keeps for its re-trace (selective policies)
+  custom,       ///< ops defined outside the library, e.g. nn layers
+};
+
+inline const char* to_string(op_kind k) {
+  switch (k) {
+    case op_kind::leaf: return "leaf";
+    case op_kind::elementwise: return "elementwise";
+    case op_kind::matmul: return "matmul";
+    case op_kind::reduction: return "reduction";
+    case op_kind::rowwise: return "rowwise";
+    case op_kind::layout: return "layout";
+    case op_kind::boundary: return "boundary";
+    case op_kind::saved: return "saved";
+    case op_kind::custom: return "custom";
+  }
+  return "?";
+}
+
+/// A point in a recording: everything recorded after it can be swept (backward_to) and
+/// dropped (reset_to) without touching what came before.
+struct position {
+  std::uint32_t nodes = 0;
+  std::uint32_t entries = 0;
+  arena::mark meta;
+};
+
+struct tape_options {
+  /// Chunk size of the arena that holds entries' records; tests use a tiny one so that
+  /// chunk-crossing code runs.
+  std::size_t chunk_bytes = CKPT_DEFAULT_CHUNK_BYTES;
+};
+
+namespace detail {
+
+inline constexpr std::uint32_t no_node = std::numeric_limits<std::uint32_t>::max();
+
+enum node_flag : std::uint8_t {
+  requires_grad = 1,
+  owns_value = 2,
+  owns_adjoint = 4,
+  transient = 8,   // produced by an op: released as soon as the sweep has passed its entry
+  retained = 16,   // kept through backward (the loss, or what the user asked to retain)
+  released = 32,   // released by backward
+  replayable = 64, // its op can take a saved value instead of recomputing (selective policies)
+};
+
+template <class T>
+struct node {
+  T* value = nullptr;
+  T* adjoint = nullptr;
+  shape dims;
+  std::uint32_t epoch = 0;
+  std::uint32_t tag = 0;  // 0 = untagged; see checkpoint/tag
+  const char* op = "";
+  op_kind kind = op_kind::leaf;
+  std::uint8_t flags = 0;
+  bool has(node_flag f) const { return (flags & f) != 0; }
+};
+
+template <class T, class B>
+struct entry {
+  void (*backward)(Tape<T, B>&, const void*) = nullptr;
+  const void* payload = nullptr;
+  std::uint32_t node_begin = 0;
+  std::uint32_t node_end = 0;
+};
+
+/// State of a checkpointed segment while it re-traces: the forward's signature to compare
+/// against and the values the forward kept (selective policies). Owned by the checkpoint code;
+/// the tape only consults it when a node is created.
+template <class T>
+struct retrace_state {
+  struct signature_item {
+    const char* op;
+    shape dims;
+  };
+  const char* segment_name = "";
+  std::uint32_t base = 0;                 // node index where the re-trace starts
+  const signature_item* signature = nullptr;
+  std::uint32_t signature_size = 0;
+  const std::uint32_t* saved_index = nullptr;  // sorted offsets (from base) of kept values
+  T* const* saved_value = nullptr;
+  std::uint32_t saved_count = 0;
+  std::uint32_t next_saved = 0;
+};
+
+/// A reference from an entry to one operand: a tape node, or a parameter's external buffers.
+template <class T>
+struct operand {
+  using value_type = T;
+  const T* value = nullptr;
+  T* external_adjoint = nullptr;  // a parameter's gradient (null when frozen or a tape node)
+  std::uint32_t node = no_node;
+  shape dims;
+  bool requires_grad = false;
+};
+
+}  // namespace detail
+
+/// A differentiable value: a cheap handle (tape, node index, epoch) to a tensor on a tape.
+template <class T, Backend B = backend::cpu>
+class Var {
+ public:
+  using value_type = T;
+  using backend_type = B;
+  using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+
+  Var() = default;
+  Var(Tape<T, B>* tape, std::uint32_t index, std::uint32_t epoch) : tape_(tape), index_(index), epoch_(epoch) {}
+
+  /// Assigning an elementwise expression records it as one tape entry (defined in expr/).
+  template <class E>
+    requires requires { typename E::is_expression; }
+  Var(const E& expression);  // NOLINT: implicit on purpose, `Var y = relu(a + b);`
+
+  Tape<T, B>* tape() const { return tape_; }
+  std::uint32_t index() const { return index_; }
+  std::uint32_t epoch() const { return epoch_; }
+  bool empty() const { return tape_ == nullptr; }
+
+  shape dims() const;
+  int rows() const { return dims().rows; }
+  int cols() const { return dims().cols; }
+  bool requires_grad() const;
+
+  /// The value, as an Eigen map over the tape's buffer (CPU backend).
+  Eigen::Map<const Matrix> value() const
+    requires std::is_same_v<B, backend::cpu>;
+  /// The value of a 1x1 tensor.
+  T item() const
+    requires std::is_same_v<B, backend::cpu>;
+
+ private:
+  Tape<T, B>* tape_ = nullptr;
+  std::uint32_t index_ = 0;
+  std::uint32_t epoch_ = 0;
+};
+
+template <class T, Backend B = backend::cpu>
+class Tape {
+  static_assert(std::is_floating_point_v<T>, "ckpt::Tape<T>: T must be float or double");
+
+ public:
+  using value_type = T;
+  using backend_type = B;
+  using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+  using node_type = detail::node<T>;
+  using entry_type = detail::entry<T, B>;
+
+  explicit Tape(tape_options options = {}) : meta_(options.chunk_bytes) {}
+  Tape(const Tape&) = delete;
+  Tape& operator=(const Tape&) = delete;
+  ~Tape() { reset_to(ckpt::position{}); }
+
+  // ---------------------------------------------------------------- leaves
+
+  /// A value that needs no gradient (inputs, targets).
+  template <class Derived>
+    requires std::is_same_v<B, backend::cpu>
+  Var<T, B> constant(const Eigen::MatrixBase<Derived>& m) {
+    return leaf_from(m, false, "constant");
+  }
+  /// A leaf whose gradient is wanted (read it with grad() after backward).
+  template <class Derived>
+    requires std::is_same_v<B, backend::cpu>
+  Var<T, B> variable(const Eigen::MatrixBase<Derived>& m) {
+    return leaf_from(m, true, "variable");
+  }
+  /// A parameter as a Var: no copy, its gradient accumulates into the parameter.
+  Var<T, B> param(Parameter<T, B>& p) {
+    const std::uint32_t i = new_node(p.dims(), "parameter", op_kind::leaf, p.frozen() ? 0 : detail::requires_grad, false);
+    node_type& n = nodes_[i];
+    n.value = p.value_data();
+    n.adjoint = p.grad_data();
+    return var_of(i);
+  }
+
+  // ---------------------------------------------------------------- reverse pass
+
+  /// Back-propagates from a 1x1 loss through the whole recording. Activations are released as
+  /// the sweep passes them; the loss and retained Vars stay readable.
+  void backward(const Var<T, B>& loss) {
+    check(loss, "backward");
+    const node_type& n = nodes_[loss.index()];
+    if (n.dims != shape{1, 1})
+      throw shape_error(detail::cat("backward: the loss must be 1x1, got ", n.dims, " (from op '", n.op, "')"));
+    if (swept_)
+      throw tape_error(
+          "backward: this recording was already back-propagated; call reset() and record the step again");
+    if (check_finite_) check_finite(loss);
+    swept_ = true;
+    nodes_[loss.index()].flags |= detail::retained;
+    if (!n.has(detail::requires_grad)) return;
+    T* g = adjoint_of(loss.index());
+    const T one(1);
+    B::copy(g, &one, 1);
+    sweep(0);
+  }
+
+  /// Sweeps the entries recorded since `p`, newest first (the caller seeds the adjoints).
+  void backward_to(const ckpt::position& p) { sweep(p.entries); }
+
+  /// Gradient of a Var after backward (zeros when nothing flowed into it).
+  Matrix grad(const Var<T, B>& v) const
+    requires std::is_same_v<B, backend::cpu>
+  {
+    check(v, "grad");
+    const node_type& n = nodes_[v.index()];
+    if (!n.adjoint) return Matrix::Zero(n.dims.rows, n.dims.cols);
+    return Eigen::Map<const Matrix>(n.adjoint, n.dims.rows, n.dims.cols);
+  }
+
+  /// Keeps a Var's value (and gradient) readable after backward.
+  void retain(const Var<T, B>& v) {
+    check(v, "retain");
+    nodes_[v.index()].flags |= detail::retained;
+  }
+
+  // ---------------------------------------------------------------- positions
+
+  ckpt::position position() const {
+    return {static_cast<std::uint32_t>(nodes_.size()), static_cast<std::uint32_t>(entries_.size()), meta_.position()};
+  }
+
+  /// Drops everything recorded after `p`; Vars made after it become invalid.
+  void reset_to(const ckpt::position& p) noexcept {
+    for (std::size_t i = nodes_.size(); i-- > p.nodes;) release_node(nodes_[i]);
+    nodes_.resize(p.nodes);
+    entries_.resize(p.entries);
+    meta_.reset_to(p.meta);
+    ++epoch_;
+    if (p.nodes == 0) swept_ = false;
+  }
+
+  /// Starts the next step: drops the whole recording, advances the RNG step, resets the peak.
+  void reset() noexcept {
+    reset_to(ckpt::position{});
+    ++step_;
+    rng_counter_ = 0;
+    pool_.reset_peak();
+  }
+
+  // ---------------------------------------------------------------- figures
+
+  memory_stats memory() const { return pool_.stats(); }
+  std::size_t bytes() const { return pool_.stats().bytes; }
+  std::size_t peak_bytes() const { return pool_.stats().peak_bytes; }
+  std::size_t entry_count() const { return entries_.size(); }
+  std::size_t node_count() const { return nodes_.size(); }
+  /// Returns the pool's cached free buffers to the backend.
+  void trim() { pool_.trim(); }
+
+  // ---------------------------------------------------------------- RNG keys and debug
+
+  void set_seed(std::uint64_t s) { seed_ = s; }
+  std::uint64_t seed() const { return seed_; }
+  std::uint64_t step() const { return step_; }
+  void set_step(std::uint64_t s) { step_ = s; }
+  std::uint64_t rng_counter() const { return rng_counter_; }
+  void set_rng_counter(std::uint64_t c) { rng_counter_ = c; }
+  std::uint64_t next_rng_op() { return rng_counter_++; }
+
+  /// When on, backward checks that the loss is finite and, if not, names the first entry
+  /// that produced a non-finite value.
+  void set_check_finite(bool on) { check_finite_ = on; }
+
+  // ---------------------------------------------------------------- for ops (not for users)
+
+  /// Validates a Var used by `op`: same tape, recorded since the last reset, still held.
+  void check(const Var<T, B>& v, const char* op) const {
+    if (v.tape() == nullptr) throw tape_error(detail::cat(op, ": the Var is empty (default-constructed)"));
+    if (v.tape() != this) throw tape_error(detail::cat(op, ": the Var belongs to another tape"));
+    if (v.index() >= nodes_.size() || nodes_[v.index()].epoch != v.epoch())
+      throw tape_error(detail::cat(op, ": the Var is from a finished recording (made before reset() or rolled back)"));
+    const node_type& n = nodes_[v.index()];
+    if (n.has(detail::released))
+      throw tape_error(detail::cat(op, ": the value of Var #", v.index(), " ('", n.op, "', ", n.dims,
+                                   ") was released by backward; call tape.retain(v) before backward to keep it"));
+  }
+
+  /// An operand reference for an entry, after validation. Notes captured outer values when a
+  /// checkpointed segment is running (their adjoints must exist before its re-trace).
+  detail::operand<T> operand_of(const Var<T, B>& v, const char* op) {
+    check(v, op);
+    const node_type& n = nodes_[v.index()];
+    note_use(v.index());
+    return {n.value, nullptr, v.index(), n.dims, n.has(detail::requires_grad)};
+  }
+  static detail::operand<T> operand_of(Parameter<T, B>& p) {
+    return {p.value_data(), p.grad_data(), detail::no_node, p.dims(), !p.frozen()};
+  }
+
+  /// Creates a node with a fresh value buffer (or a saved one when a re-trace replays it).
+  std::uint32_t new_node(shape s, const char* op, op_kind kind, std::uint8_t flags, bool allocate = true) {
+    if (retrace_) check_retrace(s, op);
+    node_type n;
+    n.dims = s;
+    n.epoch = epoch_;
+    n.op = op;
+    n.kind = kind;
+    n.flags = flags;
+    if (retrace_ && (flags & detail::replayable) && take_saved(n)) {
+      // value taken from the checkpoint's saved buffers; not owned
+    } else if (allocate) {
+      n.value = static_cast<T*>(pool_.acquire(bytes_of(s)));
+      n.flags |= detail::owns_value;
+    }
+    nodes_.push_back(n);
+    return static_cast<std::uint32_t>(nodes_.size() - 1);
+  }
+  /// A node an op computes: transient (released by the sweep) and replayable unless said.
+  std::uint32_t new_output(shape s, const char* op, op_kind kind, bool requires_grad, bool replayable = true) {
+    return new_node(s, op, kind,
+                    static_cast<std::uint8_t>(detail::transient | (requires_grad ? detail::requires_grad : 0) |
+                                              (replayable ? detail::replayable : 0)));
+  }
+  /// True when the node's value came from a checkpoint's saved buffer: its op skips compute.
+  bool is_replayed(std::uint32_t i) const {
+    const node_type& n = nodes_[i];
+    return n.value != nullptr && !n.has(detail::owns_value) && n.kind != op_kind::leaf;
+  }
+
+  /// Pushes an entry whose record `payload` is copied into the tape's arena. `node_begin` is
+  /// the first node the op created: all nodes since then belong to this entry.
+  template <class Payload>
+  void push_entry(const Payload& payload, std::uint32_t node_begin) {
+    static_assert(std::is_trivially_destructible_v<Payload>, "entry records must be trivially destructible");
+    const Payload* p = meta_.make(payload);
+    entry_type e;
+    e.backward = [](Tape& t, const void* rec) { static_cast<const Payload*>(rec)->backward(t); };
+    e.payload = p;
+    e.node_begin = node_begin;
+    e.node_end = static_cast<std::uint32_t>(nodes_.size());
+    entries_.push_back(e);
+  }
+  template <class V>
+  V* make_array(std::size_t n) {
+    return meta_.make_array<V>(n);
+  }
+
+  /// The adjoint of node i, allocated and zeroed on first use.
+  T* adjoint_of(std::uint32_t i) {
+    node_type& n = nodes_[i];
+    if (!n.adjoint) {
+      if (i < adjoint_guard_)
+        throw tape_error(detail::cat("internal: adjoint of node #", i, " ('", n.op,
+                                     "') requested inside a re-trace; a checkpointed segment used a Var it did not declare"));
+      n.adjoint = static_cast<T*>(pool_.acquire(bytes_of(n.dims)));
+      n.flags |= detail::owns_adjoint;
+      B::fill_zero(n.adjoint, n.dims.size());
+    }
+    return n.adjoint;
+  }
+  T* adjoint_of(const detail::operand<T>& o) {
+    if (!o.requires_grad) return nullptr;
+    return o.node == detail::no_node ? o.external_adjoint : adjoint_of(o.node);
+  }
+  /// The adjoint of node i if anything flowed into it, else null (its entry has nothing to do).
+  T* adjoint_if(std::uint32_t i) const { return nodes_[i].adjoint; }
+
+  node_type& node(std::uint32_t i) { return nodes_[i]; }
+  const node_type& node(std::uint32_t i) const { return nodes_[i]; }
+  const std::vector<node_type>& nodes() const { return nodes_; }
+  const std::vector<entry_type>& entries() const { return entries_; }
+  Var<T, B> var_of(std::uint32_t i) { return Var<T, B>(this, i, nodes_[i].epoch); }
+  buffer_pool<B>& pool() { return pool_; }
+  static std::size_t bytes_of(shape s) { return static_cast<std::size_t>(s.size()) * sizeof(T); }
+
+  // Checkpoint hooks ------------------------------------------------------------------
+  /// While a segment runs forward, outer nodes it reads are collected (see operand_of).
+  struct segment_scope {
+    std::uint32_t base;
+    std::size_t uses_begin;
+  };
+  segment_scope open_segment() { return {static_cast<std::uint32_t>(nodes_.size()), outer_uses_.size()}; }
+  std::vector<std::uint32_t>& outer_uses() { return outer_uses_; }
+  std::uint32_t innermost_segment_base() const { return segment_base_; }
+  void set_segment_base(std::uint32_t b) { segment_base_ = b; }
+  detail::retrace_state<T>* retrace() const { return retrace_; }
+  void set_retrace(detail::retrace_state<T>* r) { retrace_ = r; }
+  std::uint32_t adjoint_guard() const { return adjoint_guard_; }
+  void set_adjoint_guard(std::uint32_t g) { adjoint_guard_ = g; }
+  /// Detaches a node's value buffer so that rolling the node back does not free it.
+  T* steal_value(std::uint32_t i) {
+    node_type& n = nodes_[i];
+    n.flags &= static_cast<std::uint8_t>(~detail::owns_value);
+    return n.value;
+  }
+  void release_node(node_type& n) noexcept {
+    if (n.has(detail::owns_value) && n.value) pool_.release(n.value, bytes_of(n.dims));
+    if (n.has(detail::owns_adjoint) && n.adjoint) pool_.release(n.adjoint, bytes_of(n.dims));
+    if (n.has(detail::owns_value)) n.value = nullptr;
+    if (n.has(detail::owns_adjoint)) n.adjoint = nullptr;
+    n.flags &= static_cast<std::uint8_t>(~(detail::owns_value | detail::owns_adjoint));
+  }
+
+ private:
+  template <class Derived>
+  Var<T, B> leaf_from(const Eigen::MatrixBase<Derived>& m, bool grad, const char* op) {
+    const shape s{static_cast<int>(m.rows()), static_cast<int>(m.cols())};
+    const std::uint32_t i = new_node(s, op, op_kind::leaf, grad ? detail::requires_grad : 0);
+    Eigen::Map<Matrix>(nodes_[i].value, s.rows, s.cols) = m.template cast<T>();
+    return var_of(i);
+  }
+
+  void note_use(std::uint32_t i) {
+    if (i < segment_base_) {
+      const node_type& n = nodes_[i];
+      if (n.has(detail::requires_grad) && !(n.adjoint && !n.has(detail::owns_adjoint))) outer_uses_.push_back(i);
+    }
+  }
+
+  void sweep(std::uint32_t entry_begin) {
+    for (std::size_t e = entries_.size(); e-- > entry_begin;) {
+      const entry_type en = entries_[e];
+      en.backward(*this, en.payload);
+      for (std::uint32_t i = en.node_begin; i < en.node_end; ++i) {
+        node_type& n = nodes_[i];
+        if (n.has(detail::transient) && !n.has(detail::retained)) {
+          release_node(n);
+          n.flags |= detail::released;
+        }
+      }
+    }
+  }
+
+  void check_finite(const Var<T, B>& loss) const
+    requires std::is_same_v<B, backend::cpu>
+  {
+    const T l = *nodes_[loss.index()].value;
+    if (std::isfinite(l)) return;
+    for (std::size_t i = 0; i < nodes_.size(); ++i) {
+      const node_type& n = nodes_[i];
+      if (!n.value) continue;
+      for (long k = 0; k < n.dims.size(); ++k) {
+        if (!std::isfinite(n.value[k]))
+          throw numeric_error(detail::cat("backward: the loss is ", l, "; the first non-finite value came from node #", i,
+                                          " (op '", n.op, "', ", n.dims, ") at element ", k));
+      }
+    }
+    throw numeric_error(detail::cat("backward: the loss is ", l));
+  }
+
+  void check_retrace(shape s, const char* op) {
+    detail::retrace_state<T>& r = *retrace_;
+    const std::uint32_t k = static_cast<std::uint32_t>(nodes_.size()) - r.base;
+    if (k >= r.signature_size)
+      throw checkpoint_error(detail::cat("checkpoint '", r.segment_name, "': the re-trace recorded more entries than the forward (",
+                                         r.signature_size, "); extra entry #", k, " is '", op, "' ", s,
+                                         ". A segment must record the same ops on every call (does it branch on mutable state?)"));
+    const auto& want = r.signature[k];
+    if (want.dims != s || std::string_view(want.op) != op)
+      throw checkpoint_error(detail::cat("checkpoint '", r.segment_name, "': the re-trace differs from the forward at entry #", k,
+                                         ": forward recorded '", want.op, "' ", want.dims, ", re-trace recorded '", op, "' ", s,
+                                         ". A segment must record the same ops on every call (does it branch on mutable state?)"));
+  }
+
+  bool take_saved(node_type& n) {
+    detail::retrace_state<T>& r = *retrace_;
+    const std::uint32_t k = static_cast<std::uint32_t>(nodes_.size()) - r.base;
+    if (r.next_saved < r.saved_count && r.saved_index[r.next_saved] == k) {
+      n.value = r.saved_value[r.next_saved++];
+      return true;
+    }
+    return false;
+  }
+
+  buffer_pool<B> pool_;
+  arena meta_;
+  std::vector<node_type> nodes_;
+  std::vector<entry_type> entries_;
+  std::vector<std::uint32_t> outer_uses_;
+  std::uint32_t epoch_ = 1;
+  std::uint32_t segment_base_ = 0;
+  std::uint32_t adjoint_guard_ = 0;
+  detail::retrace_state<T>* retrace_ = nullptr;
+  std::uint64_t seed_ = 0x5eed;
+  std::uint64_t step_ = 0;
+  std::uint64_t rng_counter_ = 0;
+  bool swept_ = false;
+  bool check_finite_ = false;
+};
+
+// ------------------------------------------------------------------ Var members
+
+template <class T, Backend B>
+shape Var<T, B>::dims() const {
+  if (!tape_) throw tape_error("dims: the Var is empty (default-constructed)");
+  tape_->check(*this, "dims");
+  return tape_->node(index_).dims;
+}
+
+template <class T, Backend B>
+bool Var<T, B>::requires_grad() const {
+  tape_->check(*this, "requires_grad");
+  return tape_->node(index_).has(detail::requires_grad);
+}
+
+template <class T, Backend B>
+Eigen::Map<const typename Var<T, B>::Matrix> Var<T, B>::value() const
+  requires std::is_same_v<B, backend::cpu>
+{
+  if (!tape_) throw tape_error("value: the Var is empty (default-constructed)");
+  tape_->check(*this, "value");
+  const auto& n = tape_->node(index_);
+  return Eigen::Map<const Matrix>(n.value, n.dims.rows, n.dims.cols);
+}
+
+template <class T, Backend B>
+T Var<T, B>::item() const
+  requires std::is_same_v<B, backend::cpu>
+{
+  const auto v = value();
+  if (v.rows() != 1 || v.cols() != 1)
+    throw shape_error(detail::cat("item: the Var is ", v.rows(), "x", v.cols(), ", not 1x1"));
+  return v(0, 0);
+}
+
+}  // namespace ckpt

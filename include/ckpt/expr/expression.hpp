@@ -1,0 +1,302 @@
+// ckpt — elementwise expression templates. An expression is a compile-time tree of nodes that
+// hold operand references by value (never references to temporaries, so an `auto` expression
+// cannot dangle). Assigning one to a Var records ONE tape entry: the forward is one loop over
+// the elements, the reverse is derived from the tree at compile time (expr/record.hpp).
+//
+// Every node offers:
+//   dims()            its shape (broadcast rules checked when the node is built)
+//   tape_ptr()        the tape of its Var operands (null for parameters and scalars)
+//   at(i) / at(r, c)  its value at a flat index (dense case) or at output coordinates
+//   back(i, g) / back(r, c, g)  adds g * d(node)/d(leaf) into every leaf's adjoint
+//   plus set_strides(out), dense(out), bind(tape), requires_grad(), validate(tape).
+#pragma once
+#include "ckpt/config.hpp"
+#include "ckpt/core/tape.hpp"
+#include "ckpt/expr/functors.hpp"
+#include "ckpt/expr/rng.hpp"
+
+#include <concepts>
+#include <type_traits>
+
+namespace ckpt::expr {
+
+template <class E>
+concept Expression = requires { typename E::is_expression; };
+
+/// Broadcast shape of two operands: each dimension equal, or 1 on one side.
+inline shape broadcast(shape a, shape b, const char* op) {
+  auto dim = [&](int x, int y) {
+    if (x == y || y == 1) return x;
+    if (x == 1) return y;
+    throw shape_error(detail::cat(op, ": shapes ", a, " and ", b, " do not match (nor broadcast: a dimension must be equal or 1)"));
+  };
+  return {dim(a.rows, b.rows), dim(a.cols, b.cols)};
+}
+
+template <class TapeT>
+TapeT* common_tape(TapeT* a, TapeT* b, const char* op) {
+  if (a && b && a != b) throw tape_error(detail::cat(op, ": the operands belong to different tapes"));
+  return a ? a : b;
+}
+
+/// A tensor operand: a Var on a tape, or a parameter's buffers.
+template <class T, class B>
+struct leaf {
+  using is_expression = void;
+  using value_type = T;
+  using backend_type = B;
+  static constexpr const char* name = "copy";
+
+  Tape<T, B>* tape = nullptr;  // null for a parameter
+  std::uint32_t epoch = 0;
+  detail::operand<T> ref;
+  T* adj = nullptr;
+  long rs = 1, cs = 0;
+
+  shape dims() const { return ref.dims; }
+  Tape<T, B>* tape_ptr() const { return tape; }
+  bool requires_grad() const { return ref.requires_grad; }
+  bool dense(shape out) const { return ref.dims == out; }
+  void set_strides(shape out) {
+    rs = ref.dims.rows == out.rows ? 1 : 0;
+    cs = ref.dims.cols == out.cols ? ref.dims.rows : 0;
+  }
+  void validate(const char* op) const {
+    if (tape) tape->check(Var<T, B>(tape, ref.node, epoch), op);
+  }
+  void bind(Tape<T, B>& t) { adj = t.adjoint_of(ref); }
+  CKPT_HOST_DEVICE T at(long i) const { return ref.value[i]; }
+  CKPT_HOST_DEVICE T at(int r, int c) const { return ref.value[r * rs + c * cs]; }
+  CKPT_HOST_DEVICE void back(long i, T g) const {
+    if (adj) adj[i] += g;
+  }
+  CKPT_HOST_DEVICE void back(int r, int c, T g) const {
+    if (adj) adj[r * rs + c * cs] += g;
+  }
+};
+
+/// A constant number; broadcasts against anything.
+template <class T>
+struct scalar {
+  using is_expression = void;
+  using value_type = T;
+  using backend_type = void;
+  T v;
+  shape dims() const { return {1, 1}; }
+  template <class TapeT = void>
+  std::nullptr_t tape_ptr() const { return nullptr; }
+  bool requires_grad() const { return false; }
+  bool dense(shape) const { return true; }
+  void set_strides(shape) {}
+  void validate(const char*) const {}
+  template <class TapeT>
+  void bind(TapeT&) {}
+  CKPT_HOST_DEVICE T at(long) const { return v; }
+  CKPT_HOST_DEVICE T at(int, int) const { return v; }
+  CKPT_HOST_DEVICE void back(long, T) const {}
+  CKPT_HOST_DEVICE void back(int, int, T) const {}
+};
+
+template <class E>
+using backend_of = typename E::backend_type;
+
+template <class L, class R>
+using common_backend = std::conditional_t<std::is_void_v<backend_of<L>>, backend_of<R>, backend_of<L>>;
+
+template <class L, class R>
+inline constexpr bool same_backend =
+    std::is_void_v<backend_of<L>> || std::is_void_v<backend_of<R>> || std::is_same_v<backend_of<L>, backend_of<R>>;
+
+template <class E>
+auto tape_of(const E& e) {
+  if constexpr (std::is_void_v<backend_of<E>>)
+    return static_cast<Tape<typename E::value_type, backend::cpu>*>(nullptr);
+  else
+    return e.tape_ptr();
+}
+
+template <class F, class E>
+struct unary {
+  using is_expression = void;
+  using value_type = typename E::value_type;
+  using backend_type = typename E::backend_type;
+  using T = value_type;
+  static constexpr const char* name = F::name;
+
+  F f;
+  E e;
+
+  shape dims() const { return e.dims(); }
+  auto tape_ptr() const { return e.tape_ptr(); }
+  bool requires_grad() const { return e.requires_grad(); }
+  bool dense(shape out) const { return e.dense(out); }
+  void set_strides(shape out) { e.set_strides(out); }
+  void validate(const char* op) const { e.validate(op); }
+  template <class TapeT>
+  void bind(TapeT& t) { e.bind(t); }
+  CKPT_HOST_DEVICE T at(long i) const { return f(e.at(i)); }
+  CKPT_HOST_DEVICE T at(int r, int c) const { return f(e.at(r, c)); }
+  CKPT_HOST_DEVICE void back(long i, T g) const {
+    const T x = e.at(i);
+    e.back(i, g * f.d(x, f(x)));
+  }
+  CKPT_HOST_DEVICE void back(int r, int c, T g) const {
+    const T x = e.at(r, c);
+    e.back(r, c, g * f.d(x, f(x)));
+  }
+};
+
+template <class F, class L, class R>
+struct binary {
+  static_assert(same_backend<L, R>, "ckpt: an expression mixes tensors of different backends");
+  static_assert(std::is_same_v<typename L::value_type, typename R::value_type>,
+                "ckpt: an expression mixes float and double tensors");
+  using is_expression = void;
+  using value_type = typename L::value_type;
+  using backend_type = common_backend<L, R>;
+  using T = value_type;
+  static constexpr const char* name = F::name;
+
+  F f;
+  L l;
+  R r;
+  shape shape_;
+
+  binary(F f_, L l_, R r_) : f(f_), l(l_), r(r_), shape_(broadcast(l.dims(), r.dims(), F::name)) {
+    if constexpr (!std::is_void_v<backend_of<L>> && !std::is_void_v<backend_of<R>>)
+      (void)common_tape(l.tape_ptr(), r.tape_ptr(), F::name);
+  }
+
+  shape dims() const { return shape_; }
+  auto tape_ptr() const {
+    if constexpr (std::is_void_v<backend_of<L>>)
+      return r.tape_ptr();
+    else if constexpr (std::is_void_v<backend_of<R>>)
+      return l.tape_ptr();
+    else
+      return common_tape(l.tape_ptr(), r.tape_ptr(), F::name);
+  }
+  bool requires_grad() const { return l.requires_grad() || r.requires_grad(); }
+  bool dense(shape out) const { return l.dense(out) && r.dense(out); }
+  void set_strides(shape out) {
+    l.set_strides(out);
+    r.set_strides(out);
+  }
+  void validate(const char* op) const {
+    l.validate(op);
+    r.validate(op);
+  }
+  template <class TapeT>
+  void bind(TapeT& t) {
+    l.bind(t);
+    r.bind(t);
+  }
+  CKPT_HOST_DEVICE T at(long i) const { return f(l.at(i), r.at(i)); }
+  CKPT_HOST_DEVICE T at(int rr, int c) const { return f(l.at(rr, c), r.at(rr, c)); }
+  CKPT_HOST_DEVICE void back(long i, T g) const {
+    const T a = l.at(i), b = r.at(i);
+    l.back(i, g * f.da(a, b));
+    r.back(i, g * f.db(a, b));
+  }
+  CKPT_HOST_DEVICE void back(int rr, int c, T g) const {
+    const T a = l.at(rr, c), b = r.at(rr, c);
+    l.back(rr, c, g * f.da(a, b));
+    r.back(rr, c, g * f.db(a, b));
+  }
+};
+
+/// Inverted dropout: keeps an element with probability 1 - p and scales it by 1 / (1 - p).
+/// The mask is a pure function of (seed, step, op, element index), so a re-trace reproduces it
+/// and the reverse recomputes it instead of storing it.
+template <class E>
+struct dropout_node {
+  using is_expression = void;
+  using value_type = typename E::value_type;
+  using backend_type = typename E::backend_type;
+  using T = value_type;
+  static constexpr const char* name = "dropout";
+
+  E e;
+  std::uint64_t key;
+  float p;
+  T scale;
+  long rs = 1, cs = 0;
+
+  shape dims() const { return e.dims(); }
+  auto tape_ptr() const { return e.tape_ptr(); }
+  bool requires_grad() const { return e.requires_grad(); }
+  bool dense(shape out) const { return e.dims() == out && e.dense(out); }
+  void set_strides(shape out) {
+    const shape s = e.dims();
+    rs = s.rows == out.rows ? 1 : 0;
+    cs = s.cols == out.cols ? s.rows : 0;
+    e.set_strides(out);
+  }
+  void validate(const char* op) const { e.validate(op); }
+  template <class TapeT>
+  void bind(TapeT& t) { e.bind(t); }
+  CKPT_HOST_DEVICE bool keep(long i) const { return rng::uniform(key, static_cast<std::uint64_t>(i)) >= p; }
+  CKPT_HOST_DEVICE T at(long i) const { return keep(i) ? e.at(i) * scale : T(0); }
+  CKPT_HOST_DEVICE T at(int r, int c) const { return keep(r * rs + c * cs) ? e.at(r, c) * scale : T(0); }
+  CKPT_HOST_DEVICE void back(long i, T g) const {
+    if (keep(i)) e.back(i, g * scale);
+  }
+  CKPT_HOST_DEVICE void back(int r, int c, T g) const {
+    if (keep(r * rs + c * cs)) e.back(r, c, g * scale);
+  }
+};
+
+// ------------------------------------------------------------------ operands
+
+template <class X>
+struct is_var : std::false_type {};
+template <class T, class B>
+struct is_var<Var<T, B>> : std::true_type {};
+template <class X>
+struct is_parameter : std::false_type {};
+template <class T, class B>
+struct is_parameter<Parameter<T, B>> : std::true_type {};
+
+/// Anything that can stand for a tensor in an op: a Var, a Parameter or an expression.
+template <class X>
+concept Operand = is_var<std::remove_cvref_t<X>>::value || is_parameter<std::remove_cvref_t<X>>::value ||
+                  Expression<std::remove_cvref_t<X>>;
+
+template <class T, class B>
+leaf<T, B> to_expr(const Var<T, B>& v, const char* op) {
+  if (v.tape() == nullptr) throw tape_error(detail::cat(op, ": the Var is empty (default-constructed)"));
+  return leaf<T, B>{v.tape(), v.epoch(), v.tape()->operand_of(v, op)};
+}
+template <class T, class B>
+leaf<T, B> to_expr(Parameter<T, B>& p, const char*) {
+  return leaf<T, B>{nullptr, 0, Tape<T, B>::operand_of(p)};
+}
+template <Expression E>
+const E& to_expr(const E& e, const char*) {
+  return e;
+}
+
+template <class X>
+using expr_t = std::remove_cvref_t<decltype(to_expr(std::declval<X&>(), ""))>;
+
+template <class X>
+using value_t = typename expr_t<X>::value_type;
+
+template <class F, class X>
+unary<F, expr_t<X>> make_unary(F f, X&& x) {
+  return {f, to_expr(x, F::name)};
+}
+template <class F, class L, class R>
+binary<F, expr_t<L>, expr_t<R>> make_binary(F f, L&& l, R&& r) {
+  return {f, to_expr(l, F::name), to_expr(r, F::name)};
+}
+template <class F, class L, class S>
+binary<F, expr_t<L>, scalar<value_t<L>>> make_binary_scalar(F f, L&& l, S s) {
+  return {f, to_expr(l, F::name), scalar<value_t<L>>{static_cast<value_t<L>>(s)}};
+}
+template <class F, class S, class R>
+binary<F, scalar<value_t<R>>, expr_t<R>> make_scalar_binary(F f, S s, R&& r) {
+  return {f, scalar<value_t<R>>{static_cast<value_t<R>>(s)}, to_expr(r, F::name)};
+}
+
+}  // namespace ckpt::expr

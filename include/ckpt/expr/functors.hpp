@@ -1,0 +1,114 @@
+// ckpt — elementwise functions and their derivatives, written once for host and device.
+// Unary rules get the input x and the output y (whichever is cheaper to use).
+#pragma once
+#include "ckpt/config.hpp"
+
+#include <cmath>
+
+namespace ckpt::fn {
+
+// Plain math that is valid in host and device code (std:: overloads are host-only under nvcc).
+template <class T>
+CKPT_HOST_DEVICE inline T exp_(T x) { using std::exp; return exp(x); }
+template <class T>
+CKPT_HOST_DEVICE inline T log_(T x) { using std::log; return log(x); }
+template <class T>
+CKPT_HOST_DEVICE inline T tanh_(T x) { using std::tanh; return tanh(x); }
+template <class T>
+CKPT_HOST_DEVICE inline T sqrt_(T x) { using std::sqrt; return sqrt(x); }
+template <class T>
+CKPT_HOST_DEVICE inline T pow_(T x, T p) { using std::pow; return pow(x, p); }
+
+struct neg {
+  static constexpr const char* name = "neg";
+  template <class T> CKPT_HOST_DEVICE T operator()(T x) const { return -x; }
+  template <class T> CKPT_HOST_DEVICE T d(T, T) const { return T(-1); }
+};
+struct relu {
+  static constexpr const char* name = "relu";
+  template <class T> CKPT_HOST_DEVICE T operator()(T x) const { return x > T(0) ? x : T(0); }
+  template <class T> CKPT_HOST_DEVICE T d(T x, T) const { return x > T(0) ? T(1) : T(0); }
+};
+struct sigmoid {
+  static constexpr const char* name = "sigmoid";
+  template <class T> CKPT_HOST_DEVICE T operator()(T x) const { return T(1) / (T(1) + exp_(-x)); }
+  template <class T> CKPT_HOST_DEVICE T d(T, T y) const { return y * (T(1) - y); }
+};
+struct tanh {
+  static constexpr const char* name = "tanh";
+  template <class T> CKPT_HOST_DEVICE T operator()(T x) const { return tanh_(x); }
+  template <class T> CKPT_HOST_DEVICE T d(T, T y) const { return T(1) - y * y; }
+};
+struct silu {
+  static constexpr const char* name = "silu";
+  template <class T> CKPT_HOST_DEVICE T operator()(T x) const { return x / (T(1) + exp_(-x)); }
+  template <class T> CKPT_HOST_DEVICE T d(T x, T) const {
+    const T s = T(1) / (T(1) + exp_(-x));
+    return s * (T(1) + x * (T(1) - s));
+  }
+};
+/// GELU, tanh form: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+struct gelu {
+  static constexpr const char* name = "gelu";
+  template <class T> CKPT_HOST_DEVICE static T inner(T x) { return T(0.7978845608028654) * (x + T(0.044715) * x * x * x); }
+  template <class T> CKPT_HOST_DEVICE T operator()(T x) const { return T(0.5) * x * (T(1) + tanh_(inner(x))); }
+  template <class T> CKPT_HOST_DEVICE T d(T x, T) const {
+    const T t = tanh_(inner(x));
+    return T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * T(0.7978845608028654) * (T(1) + T(3 * 0.044715) * x * x);
+  }
+};
+struct exp {
+  static constexpr const char* name = "exp";
+  template <class T> CKPT_HOST_DEVICE T operator()(T x) const { return exp_(x); }
+  template <class T> CKPT_HOST_DEVICE T d(T, T y) const { return y; }
+};
+struct log {
+  static constexpr const char* name = "log";
+  template <class T> CKPT_HOST_DEVICE T operator()(T x) const { return log_(x); }
+  template <class T> CKPT_HOST_DEVICE T d(T x, T) const { return T(1) / x; }
+};
+struct sqrt {
+  static constexpr const char* name = "sqrt";
+  template <class T> CKPT_HOST_DEVICE T operator()(T x) const { return sqrt_(x); }
+  template <class T> CKPT_HOST_DEVICE T d(T, T y) const { return T(0.5) / y; }
+};
+struct square {
+  static constexpr const char* name = "square";
+  template <class T> CKPT_HOST_DEVICE T operator()(T x) const { return x * x; }
+  template <class T> CKPT_HOST_DEVICE T d(T x, T) const { return T(2) * x; }
+};
+/// x^p for a constant p.
+template <class T>
+struct pow {
+  static constexpr const char* name = "pow";
+  T p;
+  CKPT_HOST_DEVICE T operator()(T x) const { return pow_(x, p); }
+  CKPT_HOST_DEVICE T d(T x, T) const { return p * pow_(x, p - T(1)); }
+};
+
+struct add {
+  static constexpr const char* name = "add";
+  template <class T> CKPT_HOST_DEVICE T operator()(T a, T b) const { return a + b; }
+  template <class T> CKPT_HOST_DEVICE T da(T, T) const { return T(1); }
+  template <class T> CKPT_HOST_DEVICE T db(T, T) const { return T(1); }
+};
+struct sub {
+  static constexpr const char* name = "sub";
+  template <class T> CKPT_HOST_DEVICE T operator()(T a, T b) const { return a - b; }
+  template <class T> CKPT_HOST_DEVICE T da(T, T) const { return T(1); }
+  template <class T> CKPT_HOST_DEVICE T db(T, T) const { return T(-1); }
+};
+struct mul {
+  static constexpr const char* name = "mul";
+  template <class T> CKPT_HOST_DEVICE T operator()(T a, T b) const { return a * b; }
+  template <class T> CKPT_HOST_DEVICE T da(T, T b) const { return b; }
+  template <class T> CKPT_HOST_DEVICE T db(T a, T) const { return a; }
+};
+struct div {
+  static constexpr const char* name = "div";
+  template <class T> CKPT_HOST_DEVICE T operator()(T a, T b) const { return a / b; }
+  template <class T> CKPT_HOST_DEVICE T da(T, T b) const { return T(1) / b; }
+  template <class T> CKPT_HOST_DEVICE T db(T a, T b) const { return -a / (b * b); }
+};
+
+}  // namespace ckpt::fn

@@ -1,0 +1,47 @@
+// ckpt — turning what a user passes to a non-elementwise op into a tape operand: a Var is used
+// as it is, a Parameter by reference to its buffers, an expression is recorded first.
+#pragma once
+#include "ckpt/config.hpp"
+#include "ckpt/expr/expression.hpp"
+#include "ckpt/expr/record.hpp"
+
+namespace ckpt {
+
+namespace detail {
+
+template <class T, class B>
+struct resolved {
+  Tape<T, B>* tape = nullptr;  // null for a parameter
+  operand<T> ref;
+};
+
+template <class T, class B>
+resolved<T, B> resolve(const Var<T, B>& v, const char* op) {
+  if (v.tape() == nullptr) throw tape_error(cat(op, ": the Var is empty (default-constructed)"));
+  return {v.tape(), v.tape()->operand_of(v, op)};
+}
+template <class T, class B>
+resolved<T, B> resolve(Parameter<T, B>& p, const char*) {
+  return {nullptr, Tape<T, B>::operand_of(p)};
+}
+template <expr::Expression E>
+auto resolve(const E& e, const char* op) {
+  return resolve(expr::record(e), op);
+}
+
+/// The tape two operands share; throws if they come from two tapes or neither has one.
+template <class T, class B>
+Tape<T, B>& tape_of(const resolved<T, B>& a, const resolved<T, B>& b, const char* op) {
+  Tape<T, B>* t = expr::common_tape(a.tape, b.tape, op);
+  if (!t) throw tape_error(cat(op, ": no operand is on a tape; bring a parameter onto one with tape.param(p)"));
+  return *t;
+}
+template <class T, class B>
+Tape<T, B>& tape_of(const resolved<T, B>& a, const char* op) {
+  if (!a.tape) throw tape_error(cat(op, ": the operand is not on a tape; bring a parameter onto one with tape.param(p)"));
+  return *a.tape;
+}
+
+}  // namespace detail
+
+}  // namespace ckpt

@@ -1,0 +1,91 @@
+// ckpt — reductions to a 1x1 value: sum, mean, mean squared error. The reduced expression is
+// fused into the reduction's own loop (no temporary for `sum(square(a - b))`).
+#pragma once
+#include "ckpt/config.hpp"
+#include "ckpt/expr/expression.hpp"
+#include "ckpt/expr/record.hpp"
+
+namespace ckpt {
+
+namespace detail {
+
+template <class E>
+struct reduce_entry {
+  using T = typename E::value_type;
+  E e;
+  std::uint32_t out;
+  shape dims;
+  bool dense;
+  T scale;
+
+  template <class TapeT>
+  void backward(TapeT& t) const {
+    const T* g = t.adjoint_if(out);
+    if (!g) return;
+    E bound = e;
+    bound.bind(t);
+    const T gs = g[0] * scale;
+    if (dense) {
+      for (long i = 0, n = dims.size(); i < n; ++i) bound.back(i, gs);
+    } else {
+      for (int c = 0; c < dims.cols; ++c)
+        for (int r = 0; r < dims.rows; ++r) bound.back(r, c, gs);
+    }
+  }
+};
+
+template <expr::Expression E>
+auto record_reduce(const E& expression, const char* op, bool average) {
+  using T = typename E::value_type;
+  auto* t = expression.tape_ptr();
+  if (!t) throw tape_error(cat(op, ": the operand is not on a tape; bring a parameter onto one with tape.param(p)"));
+  E e = expression;
+  e.validate(op);
+  const shape s = e.dims();
+  const bool dense = e.dense(s);
+  if (!dense) e.set_strides(s);
+  const T scale = average ? (s.size() > 0 ? T(1) / static_cast<T>(s.size()) : T(0)) : T(1);
+  const bool grad = e.requires_grad();
+  const std::uint32_t begin = static_cast<std::uint32_t>(t->node_count());
+  const std::uint32_t out = t->new_output({1, 1}, op, op_kind::reduction, grad);
+  if (!t->is_replayed(out)) {
+    T acc(0);
+    if (dense) {
+      for (long i = 0, n = s.size(); i < n; ++i) acc += e.at(i);
+    } else {
+      for (int c = 0; c < s.cols; ++c)
+        for (int r = 0; r < s.rows; ++r) acc += e.at(r, c);
+    }
+    const T v = acc * scale;
+    using Bk = typename E::backend_type;
+    Bk::copy(t->node(out).value, &v, 1);
+  }
+  if (grad) t->push_entry(reduce_entry<E>{e, out, s, dense, scale}, begin);
+  return t->var_of(out);
+}
+
+}  // namespace detail
+
+/// Sum of all elements, 1x1.
+template <expr::Operand X>
+auto sum(X&& x) {
+  return detail::record_reduce(expr::to_expr(x, "sum"), "sum", false);
+}
+
+/// Mean of all elements, 1x1.
+template <expr::Operand X>
+auto mean(X&& x) {
+  return detail::record_reduce(expr::to_expr(x, "mean"), "mean", true);
+}
+
+/// Mean squared error mean((a - b)^2) over all elements; a and b must have the same shape.
+template <expr::Operand A, expr::Operand Bv>
+auto mse(A&& a, Bv&& b) {
+  auto ea = expr::to_expr(a, "mse");
+  auto eb = expr::to_expr(b, "mse");
+  if (ea.dims() != eb.dims()) throw shape_error(detail::cat("mse: prediction ", ea.dims(), " and target ", eb.dims(), " differ"));
+  auto diff = expr::binary<fn::sub, decltype(ea), decltype(eb)>(fn::sub{}, ea, eb);
+  return detail::record_reduce(expr::unary<fn::square, decltype(diff)>{fn::square{}, diff}, "mse", true);
+}
+
+}  // namespace ckpt
