@@ -69,6 +69,14 @@ struct position {
   arena::mark meta;
 };
 
+/// Work counters since the last reset(): what the figures of checkpointing are made of.
+struct op_counters {
+  std::size_t entries_recorded = 0;  ///< entries pushed, re-traces included
+  std::size_t nodes_retraced = 0;    ///< nodes created while a checkpointed segment re-traced
+  std::size_t nodes_replayed = 0;    ///< of those, values taken from a checkpoint's saved buffers
+  std::size_t gemms = 0;             ///< matrix products run, forward and reverse
+};
+
 struct tape_options {
   /// Chunk size of the arena that holds entries' records; tests use a tiny one so that
   /// chunk-crossing code runs.
@@ -283,6 +291,7 @@ class Tape {
     ++step_;
     rng_counter_ = 0;
     pool_.reset_peak();
+    counters_ = {};
   }
 
   // ---------------------------------------------------------------- figures
@@ -292,6 +301,8 @@ class Tape {
   std::size_t peak_bytes() const { return pool_.stats().peak_bytes; }
   std::size_t entry_count() const { return entries_.size(); }
   std::size_t node_count() const { return nodes_.size(); }
+  const op_counters& counters() const { return counters_; }
+  op_counters& counters() { return counters_; }
   /// Returns the pool's cached free buffers to the backend.
   void trim() { pool_.trim(); }
 
@@ -344,8 +355,9 @@ class Tape {
     n.op = op;
     n.kind = kind;
     n.flags = flags;
+    if (retrace_) ++counters_.nodes_retraced;
     if (retrace_ && (flags & detail::replayable) && take_saved(n)) {
-      // value taken from the checkpoint's saved buffers; not owned
+      ++counters_.nodes_replayed;  // value taken from the checkpoint's saved buffers; not owned
     } else if (allocate) {
       n.value = static_cast<T*>(pool_.acquire(bytes_of(s)));
       n.flags |= detail::owns_value;
@@ -377,6 +389,7 @@ class Tape {
     e.node_begin = node_begin;
     e.node_end = static_cast<std::uint32_t>(nodes_.size());
     entries_.push_back(e);
+    ++counters_.entries_recorded;
   }
   template <class V>
   V* make_array(std::size_t n) {
@@ -522,6 +535,7 @@ class Tape {
   std::uint64_t seed_ = 0x5eed;
   std::uint64_t step_ = 0;
   std::uint64_t rng_counter_ = 0;
+  op_counters counters_;
   bool swept_ = false;
   bool check_finite_ = false;
 };

@@ -24,12 +24,14 @@ struct matmul_entry {
     if (!g) return;
     const int lda = a.dims.rows, ldb = b.dims.rows;
     if (T* da = t.adjoint_of(a)) {
+      ++t.counters().gemms;
       if (!ta)
         B::gemm(false, !tb, m, k, n, T(1), g, m, b.value, ldb, T(1), da, m);
       else
         B::gemm(tb, true, k, m, n, T(1), b.value, ldb, g, m, T(1), da, k);
     }
     if (T* db = t.adjoint_of(b)) {
+      ++t.counters().gemms;
       if (!tb)
         B::gemm(!ta, false, k, n, m, T(1), a.value, lda, g, m, T(1), db, k);
       else
@@ -76,8 +78,10 @@ auto matmul(L&& lhs, R&& rhs) {
   const std::uint32_t begin = static_cast<std::uint32_t>(t.node_count());
   const std::uint32_t out = t.new_output({m, n}, "matmul", op_kind::matmul, grad);
   using Bk = typename std::remove_reference_t<decltype(t)>::backend_type;
-  if (!t.is_replayed(out))
+  if (!t.is_replayed(out)) {
+    ++t.counters().gemms;
     Bk::gemm(ta, tb, m, n, k, T(1), a.ref.value, a.ref.dims.rows, b.ref.value, b.ref.dims.rows, T(0), t.node(out).value, m);
+  }
   if (grad) t.push_entry(detail::matmul_entry<T>{a.ref, b.ref, out, m, n, k, ta, tb}, begin);
   return t.var_of(out);
 }
