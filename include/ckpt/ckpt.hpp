@@ -14,3 +14,8 @@
 #include "ckpt/ops/reduce.hpp"
 #include "ckpt/ops/rowwise.hpp"
 #include "ckpt/ops/loss.hpp"
+#include "ckpt/checkpoint/save.hpp"
+#include "ckpt/checkpoint/checkpoint.hpp"
+#include "ckpt/checkpoint/policy.hpp"
+#include "ckpt/checkpoint/revolve.hpp"
+#include "ckpt/checkpoint/sequential.hpp"

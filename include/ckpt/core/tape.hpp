@@ -22,6 +22,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
+#include <utility>
 #include <string_view>
 #include <type_traits>
 #include <vector>
@@ -103,11 +105,25 @@ struct node {
   T* adjoint = nullptr;
   shape dims;
   std::uint32_t epoch = 0;
-  std::uint32_t tag = 0;  // 0 = untagged; see checkpoint/tag
+  const char* tag = nullptr;  // a name given with ckpt::tag(); selective policies save by it
   const char* op = "";
   op_kind kind = op_kind::leaf;
   std::uint8_t flags = 0;
   bool has(node_flag f) const { return (flags & f) != 0; }
+};
+
+/// One node of a recording's signature: what a checkpoint's re-trace must record again.
+struct signature_item {
+  const char* op;
+  shape dims;
+};
+
+/// What a checkpoint entry tells the tape report about its segment.
+struct segment_info {
+  const char* name;
+  const signature_item* signature;
+  std::uint32_t signature_size;
+  std::uint32_t replayed;  // values kept for the re-trace
 };
 
 template <class T, class B>
@@ -116,6 +132,7 @@ struct entry {
   const void* payload = nullptr;
   std::uint32_t node_begin = 0;
   std::uint32_t node_end = 0;
+  const segment_info* segment = nullptr;  // set for checkpoint entries
 };
 
 /// State of a checkpointed segment while it re-traces: the forward's signature to compare
@@ -123,10 +140,7 @@ struct entry {
 /// the tape only consults it when a node is created.
 template <class T>
 struct retrace_state {
-  struct signature_item {
-    const char* op;
-    shape dims;
-  };
+  using signature_item = detail::signature_item;
   const char* segment_name = "";
   std::uint32_t base = 0;                 // node index where the re-trace starts
   const signature_item* signature = nullptr;
@@ -278,6 +292,7 @@ class Tape {
   /// Drops everything recorded after `p`; Vars made after it become invalid.
   void reset_to(const ckpt::position& p) noexcept {
     for (std::size_t i = nodes_.size(); i-- > p.nodes;) release_node(nodes_[i]);
+    while (!owned_.empty() && owned_.back().first >= p.entries) owned_.pop_back();
     nodes_.resize(p.nodes);
     entries_.resize(p.entries);
     meta_.reset_to(p.meta);
@@ -355,7 +370,7 @@ class Tape {
     n.op = op;
     n.kind = kind;
     n.flags = flags;
-    if (retrace_) ++counters_.nodes_retraced;
+    if (retrace_depth_) ++counters_.nodes_retraced;
     if (retrace_ && (flags & detail::replayable) && take_saved(n)) {
       ++counters_.nodes_replayed;  // value taken from the checkpoint's saved buffers; not owned
     } else if (allocate) {
@@ -380,7 +395,7 @@ class Tape {
   /// Pushes an entry whose record `payload` is copied into the tape's arena. `node_begin` is
   /// the first node the op created: all nodes since then belong to this entry.
   template <class Payload>
-  void push_entry(const Payload& payload, std::uint32_t node_begin) {
+  void push_entry(const Payload& payload, std::uint32_t node_begin, const detail::segment_info* segment = nullptr) {
     static_assert(std::is_trivially_destructible_v<Payload>, "entry records must be trivially destructible");
     const Payload* p = meta_.make(payload);
     entry_type e;
@@ -388,12 +403,32 @@ class Tape {
     e.payload = p;
     e.node_begin = node_begin;
     e.node_end = static_cast<std::uint32_t>(nodes_.size());
+    e.segment = segment;
     entries_.push_back(e);
     ++counters_.entries_recorded;
   }
   template <class V>
   V* make_array(std::size_t n) {
     return meta_.make_array<V>(n);
+  }
+
+  /// Keeps an object (a checkpointed segment's callable) alive until the entry about to be
+  /// pushed is rolled back. Trivial objects go to the arena; others get an owned holder.
+  template <class V>
+  const V* make(const V& v) {
+    return meta_.make(v);
+  }
+
+  template <class V>
+  const V* keep_object(V v) {
+    if constexpr (std::is_trivially_copyable_v<V> && std::is_trivially_destructible_v<V>) {
+      return meta_.make(v);
+    } else {
+      auto h = std::make_unique<owned_holder<V>>(std::move(v));
+      const V* ptr = &h->value;
+      owned_.emplace_back(static_cast<std::uint32_t>(entries_.size()), std::move(h));
+      return ptr;
+    }
   }
 
   /// The adjoint of node i, allocated and zeroed on first use.
@@ -436,6 +471,9 @@ class Tape {
   void set_segment_base(std::uint32_t b) { segment_base_ = b; }
   detail::retrace_state<T>* retrace() const { return retrace_; }
   void set_retrace(detail::retrace_state<T>* r) { retrace_ = r; }
+  /// How many re-traces are running (nested checkpoints re-trace inside re-traces).
+  void enter_retrace() { ++retrace_depth_; }
+  void leave_retrace() { --retrace_depth_; }
   std::uint32_t adjoint_guard() const { return adjoint_guard_; }
   void set_adjoint_guard(std::uint32_t g) { adjoint_guard_ = g; }
   /// Detaches a node's value buffer so that rolling the node back does not free it.
@@ -453,6 +491,15 @@ class Tape {
   }
 
  private:
+  struct owned_base {
+    virtual ~owned_base() = default;
+  };
+  template <class V>
+  struct owned_holder final : owned_base {
+    explicit owned_holder(V&& v) : value(std::move(v)) {}
+    V value;
+  };
+
   template <class Derived>
   Var<T, B> leaf_from(const Eigen::MatrixBase<Derived>& m, bool grad, const char* op) {
     const shape s{static_cast<int>(m.rows()), static_cast<int>(m.cols())};
@@ -528,10 +575,12 @@ class Tape {
   std::vector<node_type> nodes_;
   std::vector<entry_type> entries_;
   std::vector<std::uint32_t> outer_uses_;
+  std::vector<std::pair<std::uint32_t, std::unique_ptr<owned_base>>> owned_;
   std::uint32_t epoch_ = 1;
   std::uint32_t segment_base_ = 0;
   std::uint32_t adjoint_guard_ = 0;
   detail::retrace_state<T>* retrace_ = nullptr;
+  std::uint32_t retrace_depth_ = 0;
   std::uint64_t seed_ = 0x5eed;
   std::uint64_t step_ = 0;
   std::uint64_t rng_counter_ = 0;

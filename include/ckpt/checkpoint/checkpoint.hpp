@@ -1,0 +1,370 @@
+// ckpt — checkpoint(segment, inputs...): keep a segment's boundary, recompute its inside.
+//
+// Forward: the segment runs and records as usual; then its recording is rolled back, except
+// for its outputs (and the values its save predicate keeps), whose buffers are handed over to
+// new boundary nodes without a copy. One entry is pushed that remembers the segment's
+// callable, its inputs, the signature of what it recorded and the RNG counter at its start.
+//
+// Reverse: that entry reads its outputs' adjoints, makes sure its inputs' adjoints exist,
+// opens a nested recording, re-traces the segment (the same ops, the same dropout masks, the
+// kept values replayed instead of recomputed), checks that it recorded the same sequence of
+// ops and shapes, seeds the re-traced outputs with the adjoints, sweeps the nested recording
+// (adding into the input adjoints and parameter gradients) and rolls it back. On every exit
+// path, exceptions included, the nested recording is rolled back and the tape's state restored.
+//
+// Because the re-trace performs exactly the arithmetic of the plain run, in the same order,
+// gradients are bitwise identical with and without checkpointing on the CPU.
+#pragma once
+#include "ckpt/config.hpp"
+#include "ckpt/checkpoint/save.hpp"
+#include "ckpt/core/tape.hpp"
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace ckpt {
+
+namespace detail {
+
+// ------------------------------------------------------------------ what a segment returns
+
+template <class R>
+struct result_traits;  // Var, std::pair, std::tuple, std::array or std::vector of Vars
+
+template <class T, class B>
+struct result_traits<Var<T, B>> {
+  using value_type = T;
+  using backend_type = B;
+  static void collect(const Var<T, B>& v, std::vector<Var<T, B>>& out) { out.push_back(v); }
+  static Var<T, B> rebuild(const std::vector<Var<T, B>>& v, std::size_t& i) { return v[i++]; }
+};
+template <class T, class B, std::size_t N>
+struct result_traits<std::array<Var<T, B>, N>> {
+  using value_type = T;
+  using backend_type = B;
+  static void collect(const std::array<Var<T, B>, N>& r, std::vector<Var<T, B>>& out) {
+    for (const auto& v : r) out.push_back(v);
+  }
+  static std::array<Var<T, B>, N> rebuild(const std::vector<Var<T, B>>& v, std::size_t& i) {
+    std::array<Var<T, B>, N> r;
+    for (auto& x : r) x = v[i++];
+    return r;
+  }
+};
+template <class T, class B>
+struct result_traits<std::vector<Var<T, B>>> {
+  using value_type = T;
+  using backend_type = B;
+  static void collect(const std::vector<Var<T, B>>& r, std::vector<Var<T, B>>& out) { out.insert(out.end(), r.begin(), r.end()); }
+  static std::vector<Var<T, B>> rebuild(const std::vector<Var<T, B>>& v, std::size_t& i) {
+    std::vector<Var<T, B>> r(v.begin() + static_cast<long>(i), v.end());
+    i = v.size();
+    return r;
+  }
+};
+template <class T, class B, class... Rest>
+struct result_traits<std::tuple<Var<T, B>, Rest...>> {
+  using value_type = T;
+  using backend_type = B;
+  using R = std::tuple<Var<T, B>, Rest...>;
+  static void collect(const R& r, std::vector<Var<T, B>>& out) {
+    std::apply([&](const auto&... v) { (out.push_back(v), ...); }, r);
+  }
+  static R rebuild(const std::vector<Var<T, B>>& v, std::size_t& i) {
+    return std::apply([&](const auto&... x) { return R{(static_cast<void>(x), v[i++])...}; }, R{});
+  }
+};
+template <class T, class B>
+struct result_traits<std::pair<Var<T, B>, Var<T, B>>> {
+  using value_type = T;
+  using backend_type = B;
+  using R = std::pair<Var<T, B>, Var<T, B>>;
+  static void collect(const R& r, std::vector<Var<T, B>>& out) {
+    out.push_back(r.first);
+    out.push_back(r.second);
+  }
+  static R rebuild(const std::vector<Var<T, B>>& v, std::size_t& i) {
+    R r{v[i], v[i + 1]};
+    i += 2;
+    return r;
+  }
+};
+
+template <class Seg, class T, class B, std::size_t N, std::size_t... I>
+decltype(auto) invoke_segment(const Seg& seg, const std::array<Var<T, B>, N>& in, std::index_sequence<I...>) {
+  return seg(in[I]...);
+}
+
+// ------------------------------------------------------------------ the entry
+
+template <class T, class B, class Seg, std::size_t N>
+struct checkpoint_entry {
+  using signature_item = typename retrace_state<T>::signature_item;
+  const Seg* segment;
+  std::array<Var<T, B>, N> inputs;
+  const char* name;
+  const signature_item* signature;
+  std::uint32_t signature_size;
+  const std::uint32_t* saved_offset;  // sorted; offsets from the re-trace's first node
+  T* const* saved_value;
+  std::uint32_t saved_count;
+  const std::uint32_t* output_node;    // outer boundary node, or the input itself for a pass-through
+  const std::uint32_t* output_offset;  // offset in the re-trace, or no_node for a pass-through
+  std::uint32_t output_count;
+  const std::uint32_t* uses;  // outer nodes the segment reads whose adjoints it adds into
+  std::uint32_t use_count;
+  std::uint64_t rng;
+
+  bool is_saved(std::uint32_t offset) const { return std::binary_search(saved_offset, saved_offset + saved_count, offset); }
+
+  void backward(Tape<T, B>& t) const {
+    bool any = false;
+    for (std::uint32_t k = 0; k < output_count; ++k)
+      if (output_offset[k] != no_node && t.adjoint_if(output_node[k])) any = true;
+    if (!any) return;
+    for (std::uint32_t k = 0; k < use_count; ++k) t.adjoint_of(uses[k]);
+    // The boundary values are dead now (their consumers were swept): free them before the
+    // re-trace needs memory, unless the re-trace replays them.
+    for (std::uint32_t k = 0; k < output_count; ++k) {
+      auto& n = t.node(output_node[k]);
+      if (output_offset[k] != no_node && !is_saved(output_offset[k]) && !n.has(retained) && n.has(owns_value)) {
+        t.pool().release(n.value, Tape<T, B>::bytes_of(n.dims));
+        n.value = nullptr;
+        n.flags = static_cast<std::uint8_t>(n.flags & ~owns_value);
+      }
+    }
+
+    const ckpt::position m = t.position();
+    retrace_state<T> r{name, m.nodes, signature, signature_size, saved_offset, saved_value, saved_count, 0};
+    struct restore {
+      Tape<T, B>& t;
+      ckpt::position m;
+      std::uint32_t guard, base;
+      std::uint64_t rng;
+      retrace_state<T>* retrace;
+      ~restore() {
+        t.leave_retrace();
+        t.set_retrace(retrace);
+        t.set_adjoint_guard(guard);
+        t.set_segment_base(base);
+        t.set_rng_counter(rng);
+        t.reset_to(m);
+      }
+    } on_exit{t, m, t.adjoint_guard(), t.innermost_segment_base(), t.rng_counter(), t.retrace()};
+    t.enter_retrace();
+    t.set_adjoint_guard(m.nodes);
+    t.set_segment_base(0);
+    t.set_rng_counter(rng);
+    t.set_retrace(&r);
+
+    auto result = invoke_segment(*segment, inputs, std::make_index_sequence<N>{});
+    t.set_retrace(nullptr);
+    const std::uint32_t recorded = static_cast<std::uint32_t>(t.node_count()) - m.nodes;
+    if (recorded != signature_size)
+      throw checkpoint_error(cat("checkpoint '", name, "': the re-trace recorded ", recorded, " entries, the forward ", signature_size,
+                                 ". A segment must record the same ops on every call (does it branch on mutable state?)"));
+    std::vector<Var<T, B>> outs;
+    result_traits<std::remove_cvref_t<decltype(result)>>::collect(result, outs);
+    if (outs.size() != output_count)
+      throw checkpoint_error(cat("checkpoint '", name, "': the re-trace returned ", outs.size(), " outputs, the forward ", output_count));
+    for (std::uint32_t k = 0; k < output_count; ++k) {
+      if (output_offset[k] == no_node) continue;
+      const std::uint32_t idx = outs[k].index();
+      if (outs[k].tape() != &t || idx < m.nodes || idx - m.nodes != output_offset[k])
+        throw checkpoint_error(cat("checkpoint '", name, "': output ", k, " of the re-trace is not the value the forward returned"));
+      auto& out = t.node(output_node[k]);
+      if (out.adjoint) {
+        T* a = t.adjoint_of(idx);
+        B::copy(a, out.adjoint, t.node(idx).dims.size());
+        if (!out.has(retained) && out.has(owns_adjoint)) {  // handed over: free it before the sweep
+          t.pool().release(out.adjoint, Tape<T, B>::bytes_of(out.dims));
+          out.adjoint = nullptr;
+          out.flags = static_cast<std::uint8_t>(out.flags & ~owns_adjoint);
+        }
+      }
+    }
+    t.backward_to(m);
+  }
+};
+
+struct taken_value {
+  std::uint32_t offset;  // from the segment's first node
+  shape dims;
+  void* value;
+  bool owned;
+  bool requires_grad;
+  bool selected;  // chosen by the save predicate: the re-trace replays it
+};
+
+}  // namespace detail
+
+/// Runs `segment(inputs...)` keeping only its boundary; see the top of this file.
+/// `Save` chooses values inside the segment to keep instead of recomputing (save::matmul,
+/// save::tagged<"name">, ...). `name` appears in error messages and the tape report.
+/// The segment may capture parameters and outer Vars; it must record the same ops every time
+/// it is called and must stay alive until backward (it is copied when passed as an rvalue).
+template <SavePredicate Save = save::nothing, class Segment, class T, Backend B, class... More>
+auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, const More&... more) {
+  static_assert((std::is_same_v<More, Var<T, B>> && ...), "ckpt::checkpoint: every input must be a Var of the same tape type");
+  using Seg = std::decay_t<Segment>;
+  constexpr std::size_t N = 1 + sizeof...(More);
+  const std::array<Var<T, B>, N> inputs{first, more...};
+  if (first.tape() == nullptr) throw tape_error("checkpoint: input 0 is an empty Var");
+  Tape<T, B>& t = *first.tape();
+  for (std::size_t i = 0; i < N; ++i) t.check(inputs[i], "checkpoint");
+
+  using result_type = std::remove_cvref_t<std::invoke_result_t<const Seg&, decltype(first), decltype(more)...>>;
+  using traits = detail::result_traits<result_type>;
+
+  const ckpt::position p = t.position();
+  const std::uint64_t rng0 = t.rng_counter();
+  const auto scope = t.open_segment();
+  const std::uint32_t outer_base = t.innermost_segment_base();
+  detail::retrace_state<T>* outer_retrace = t.retrace();
+
+  std::vector<Var<T, B>> outs;
+  std::vector<detail::signature_item> signature;
+  std::vector<detail::taken_value> taken;
+  std::vector<std::uint32_t> out_offset;
+  std::vector<std::uint32_t> uses;
+  {
+    struct restore {
+      Tape<T, B>& t;
+      ckpt::position p;
+      std::size_t uses_begin;
+      std::uint32_t base;
+      detail::retrace_state<T>* retrace;
+      ~restore() {
+        t.set_segment_base(base);
+        t.set_retrace(retrace);
+        t.outer_uses().resize(uses_begin);
+        t.reset_to(p);  // frees the inside; the stolen buffers survive
+      }
+    } on_exit{t, p, scope.uses_begin, outer_base, outer_retrace};
+    t.set_segment_base(p.nodes);
+    t.set_retrace(nullptr);  // a forward run is never a re-trace, even inside one
+
+    const Seg& seg = segment;
+    result_type result = detail::invoke_segment(seg, inputs, std::make_index_sequence<N>{});
+    traits::collect(result, outs);
+
+    const std::uint32_t end = static_cast<std::uint32_t>(t.node_count());
+    signature.reserve(end - p.nodes);
+    for (std::uint32_t i = p.nodes; i < end; ++i) signature.push_back({t.node(i).op, t.node(i).dims});
+
+    auto take = [&](std::uint32_t i, bool selected) {
+      for (const auto& tv : taken)
+        if (tv.offset == i - p.nodes) return;
+      auto& n = t.node(i);
+      const bool owned = n.has(detail::owns_value);
+      void* v = owned ? t.steal_value(i) : n.value;
+      taken.push_back({i - p.nodes, n.dims, v, owned, n.has(detail::requires_grad), selected});
+    };
+    for (std::uint32_t i = p.nodes; i < end; ++i) {
+      const auto& n = t.node(i);
+      if (n.value && n.has(detail::replayable) && !n.has(detail::released) && detail::saves<Save>(n)) take(i, true);
+    }
+    for (const auto& o : outs) {
+      t.check(o, "checkpoint (segment output)");
+      if (o.index() < p.nodes) {
+        out_offset.push_back(detail::no_node);
+      } else {
+        out_offset.push_back(o.index() - p.nodes);
+        take(o.index(), false);
+      }
+    }
+    auto& ou = t.outer_uses();
+    for (std::size_t i = scope.uses_begin; i < ou.size(); ++i)
+      if (ou[i] < p.nodes) uses.push_back(ou[i]);
+    std::sort(uses.begin(), uses.end());
+    uses.erase(std::unique(uses.begin(), uses.end()), uses.end());
+  }
+  // The inside is gone now. Re-register what an enclosing segment reads from outside it.
+  if (outer_base > 0)
+    for (std::uint32_t u : uses)
+      if (u < outer_base) t.outer_uses().push_back(u);
+
+  // Does anything flow back through the segment? (Read from `taken`: the output nodes
+  // themselves were rolled back.)
+  bool grad = false;
+  for (std::size_t k = 0; k < outs.size(); ++k)
+    if (out_offset[k] != detail::no_node)
+      for (const auto& tv : taken)
+        if (tv.offset == out_offset[k]) grad = grad || tv.requires_grad;
+
+  // New nodes: the kept values, then the boundary outputs, all owned by this entry.
+  const std::uint32_t begin = static_cast<std::uint32_t>(t.node_count());
+  std::vector<std::uint32_t> node_of(taken.size());
+  for (std::size_t j = 0; j < taken.size(); ++j) {
+    const auto& tv = taken[j];
+    const bool is_output = std::find(out_offset.begin(), out_offset.end(), tv.offset) != out_offset.end();
+    if (!is_output && !grad) {  // nothing will re-trace: give the kept value back
+      if (tv.owned) t.pool().release(tv.value, Tape<T, B>::bytes_of(tv.dims));
+      node_of[j] = detail::no_node;
+      continue;
+    }
+    const std::uint8_t flags = static_cast<std::uint8_t>(detail::transient | (tv.owned ? detail::owns_value : 0) |
+                                                         (is_output && tv.requires_grad ? detail::requires_grad : 0));
+    const std::uint32_t i = t.new_node(tv.dims, is_output ? name : "checkpoint.saved",
+                                       is_output ? op_kind::boundary : op_kind::saved, flags, false);
+    t.node(i).value = static_cast<T*>(tv.value);
+    node_of[j] = i;
+  }
+  auto node_for_offset = [&](std::uint32_t off) {
+    for (std::size_t j = 0; j < taken.size(); ++j)
+      if (taken[j].offset == off) return node_of[j];
+    return detail::no_node;
+  };
+  std::vector<Var<T, B>> new_outs;
+  new_outs.reserve(outs.size());
+  for (std::size_t k = 0; k < outs.size(); ++k)
+    new_outs.push_back(out_offset[k] == detail::no_node ? outs[k] : t.var_of(node_for_offset(out_offset[k])));
+
+  if (grad) {
+    using entry = detail::checkpoint_entry<T, B, Seg, N>;
+    const Seg* stored = t.keep_object(Seg(std::forward<Segment>(segment)));
+    auto* sig = t.template make_array<typename entry::signature_item>(signature.size());
+    std::copy(signature.begin(), signature.end(), sig);
+    // The values the re-trace replays, in offset order.
+    std::vector<std::size_t> order;
+    for (std::size_t j = 0; j < taken.size(); ++j)
+      if (node_of[j] != detail::no_node && taken[j].selected) order.push_back(j);
+    std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return taken[a].offset < taken[b].offset; });
+    auto* so = t.template make_array<std::uint32_t>(order.size());
+    auto* sv = t.template make_array<T*>(order.size());
+    for (std::size_t j = 0; j < order.size(); ++j) {
+      so[j] = taken[order[j]].offset;
+      sv[j] = static_cast<T*>(taken[order[j]].value);
+    }
+    auto* on = t.template make_array<std::uint32_t>(outs.size());
+    auto* oo = t.template make_array<std::uint32_t>(outs.size());
+    for (std::size_t k = 0; k < outs.size(); ++k) {
+      oo[k] = out_offset[k];
+      on[k] = out_offset[k] == detail::no_node ? outs[k].index() : new_outs[k].index();
+    }
+    auto* us = t.template make_array<std::uint32_t>(uses.size());
+    std::copy(uses.begin(), uses.end(), us);
+    const auto* info = t.make(detail::segment_info{name, sig, static_cast<std::uint32_t>(signature.size()),
+                                                   static_cast<std::uint32_t>(order.size())});
+    t.push_entry(entry{stored, inputs, name, sig, static_cast<std::uint32_t>(signature.size()), so, sv,
+                       static_cast<std::uint32_t>(order.size()), on, oo, static_cast<std::uint32_t>(outs.size()), us,
+                       static_cast<std::uint32_t>(uses.size()), rng0},
+                 begin, info);
+  }
+  std::size_t i = 0;
+  return traits::rebuild(new_outs, i);
+}
+
+/// checkpoint(segment, inputs...) with the default name "checkpoint".
+template <SavePredicate Save = save::nothing, class Segment, class T, Backend B, class... More>
+  requires(!std::is_convertible_v<Segment, const char*>)
+auto checkpoint(Segment&& segment, const Var<T, B>& first, const More&... more) {
+  return checkpoint<Save>("checkpoint", std::forward<Segment>(segment), first, more...);
+}
+
+}  // namespace ckpt
