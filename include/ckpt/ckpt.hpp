@@ -19,3 +19,6 @@
 #include "ckpt/checkpoint/policy.hpp"
 #include "ckpt/checkpoint/revolve.hpp"
 #include "ckpt/checkpoint/sequential.hpp"
+#include "ckpt/checkpoint/report.hpp"
+#include "ckpt/nn/linear.hpp"
+#include "ckpt/nn/lora.hpp"
