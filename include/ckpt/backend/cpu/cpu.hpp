@@ -4,7 +4,11 @@
 
 #include <Eigen/Core>
 
+#include <cctype>
 #include <cstddef>
+#include <cstdlib>
+#include <string>
+#include <string_view>
 #include <cstring>
 #include <new>
 #include <type_traits>
@@ -19,15 +23,48 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
 void cblas_dgemm(int order, int trans_a, int trans_b, int m, int n, int k, double alpha,
                  const double* a, int lda, const double* b, int ldb, double beta, double* c,
                  int ldc);
+// OpenBLAS only; weak, so that other BLAS vendors link too (then it is null).
+char* openblas_get_corename(void) __attribute__((weak));
 }
 #endif
 
 namespace ckpt::backend {
 
+namespace detail {
+/// Whether products go to the BLAS. They do, unless the BLAS is OpenBLAS running a kernel for
+/// an old core (it falls back to "Prescott", SSE3, on processors newer than its release, e.g.
+/// Debian 12's 0.3.21 on Emerald Rapids: 13 GFLOP/s) while Eigen was compiled for AVX2 or
+/// AVX-512 (90 GFLOP/s on the same machine). CKPT_GEMM=blas or CKPT_GEMM=eigen in the
+/// environment overrides the choice. Decided once per process.
+inline bool use_blas() {
+#if defined(CKPT_USE_BLAS)
+  static const bool use = [] {
+    if (const char* e = std::getenv("CKPT_GEMM")) return std::string_view(e) != "eigen";
+#if defined(EIGEN_VECTORIZE_AVX2) || defined(EIGEN_VECTORIZE_AVX512)
+    if (openblas_get_corename != nullptr) {
+      std::string core = openblas_get_corename();
+      for (char& c : core) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      for (const char* old : {"prescott", "core2", "penryn", "dunnington", "nehalem", "atom", "katmai", "coppermine",
+                              "northwood", "banias", "generic"})
+        if (core == old) return false;
+    }
+#endif
+    return true;
+  }();
+  return use;
+#else
+  return false;
+#endif
+}
+}  // namespace detail
+
 /// Tensors live in host memory; products go to BLAS when CKPT_USE_BLAS is defined.
 struct cpu {
   static constexpr const char* name = "cpu";
   static constexpr std::size_t alignment = 64;
+
+  /// "blas" or "eigen": where this process sends matrix products.
+  static const char* gemm_engine() { return detail::use_blas() ? "blas" : "eigen"; }
 
   static void* allocate(std::size_t bytes) {
     return ::operator new(bytes, std::align_val_t{alignment});
@@ -51,6 +88,10 @@ struct cpu {
     if (m == 0 || n == 0) return;
 #if defined(CKPT_USE_BLAS)
     constexpr int col_major = 102, no_trans = 111, trans = 112;
+    if (!detail::use_blas()) {
+      eigen_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      return;
+    }
     if constexpr (std::is_same_v<T, float>) {
       cblas_sgemm(col_major, trans_a ? trans : no_trans, trans_b ? trans : no_trans, m, n, k,
                   alpha, a, lda, b, ldb, beta, c, ldc);
