@@ -116,6 +116,39 @@ struct concat_rows_entry {
   }
 };
 
+template <class T>
+struct slice_cols_entry {
+  operand<T> x;
+  std::uint32_t out;
+  int begin, count;
+  template <class TapeT>
+  void backward(TapeT& t) const {
+    const T* g = t.adjoint_if(out);
+    if (!g) return;
+    T* dx = t.adjoint_of(x) + static_cast<long>(begin) * x.dims.rows;
+    for (long i = 0, n = static_cast<long>(count) * x.dims.rows; i < n; ++i) dx[i] += g[i];
+  }
+};
+
+template <class T>
+struct concat_cols_entry {
+  const operand<T>* parts;
+  std::uint32_t count;
+  std::uint32_t out;
+  template <class TapeT>
+  void backward(TapeT& t) const {
+    const T* g = t.adjoint_if(out);
+    if (!g) return;
+    for (std::uint32_t p = 0; p < count; ++p) {
+      const operand<T>& x = parts[p];
+      const long n = x.dims.size();
+      if (T* dx = t.adjoint_of(x))
+        for (long i = 0; i < n; ++i) dx[i] += g[i];
+      g += n;
+    }
+  }
+};
+
 }  // namespace detail
 
 template <class X>
@@ -137,12 +170,12 @@ auto eval(const transposed<X>& t) {
 /// Rows [begin, begin + count) of x.
 template <expr::Operand X>
 auto slice_rows(X&& xin, int begin, int count) {
+  const shape s = detail::shape_of(xin, "slice_rows");
+  if (begin < 0 || count < 0 || begin + count > s.rows)
+    throw shape_error(detail::cat("slice_rows: rows [", begin, ", ", begin + count, ") are outside a ", s, " tensor"));
   auto x = detail::resolve(xin, "slice_rows");
   auto& t = detail::tape_of(x, "slice_rows");
   using T = typename std::remove_reference_t<decltype(t)>::value_type;
-  const shape s = x.ref.dims;
-  if (begin < 0 || count < 0 || begin + count > s.rows)
-    throw shape_error(detail::cat("slice_rows: rows [", begin, ", ", begin + count, ") are outside a ", s, " tensor"));
   const std::uint32_t first = static_cast<std::uint32_t>(t.node_count());
   const std::uint32_t out = t.new_output({count, s.cols}, "slice_rows", op_kind::layout, x.ref.requires_grad);
   if (!t.is_replayed(out)) {
@@ -152,6 +185,71 @@ auto slice_rows(X&& xin, int begin, int count) {
   }
   if (x.ref.requires_grad) t.push_entry(detail::slice_rows_entry<T>{x.ref, out, begin, count}, first);
   return t.var_of(out);
+}
+
+/// Columns [begin, begin + count) of x (e.g. one sequence of a batch).
+template <expr::Operand X>
+auto slice_cols(X&& xin, int begin, int count) {
+  auto x = detail::resolve(xin, "slice_cols");
+  auto& t = detail::tape_of(x, "slice_cols");
+  using T = typename std::remove_reference_t<decltype(t)>::value_type;
+  using Bk = typename std::remove_reference_t<decltype(t)>::backend_type;
+  const shape s = x.ref.dims;
+  if (begin < 0 || count < 0 || begin + count > s.cols)
+    throw shape_error(detail::cat("slice_cols: columns [", begin, ", ", begin + count, ") are outside a ", s, " tensor"));
+  const std::uint32_t first = static_cast<std::uint32_t>(t.node_count());
+  const std::uint32_t out = t.new_output({s.rows, count}, "slice_cols", op_kind::layout, x.ref.requires_grad);
+  if (!t.is_replayed(out)) Bk::copy(t.node(out).value, x.ref.value + static_cast<long>(begin) * s.rows, static_cast<long>(count) * s.rows);
+  if (x.ref.requires_grad) t.push_entry(detail::slice_cols_entry<T>{x.ref, out, begin, count}, first);
+  return t.var_of(out);
+}
+
+/// Places tensors with equal row counts side by side.
+template <class T, Backend B>
+Var<T, B> concat_cols(std::span<const Var<T, B>> parts) {
+  if (parts.empty()) throw shape_error("concat_cols: no tensors to concatenate");
+  Tape<T, B>* tape = parts[0].tape();
+  std::vector<detail::operand<T>> refs;
+  refs.reserve(parts.size());
+  int cols = 0;
+  bool grad = false;
+  for (const auto& p : parts) {
+    auto r = detail::resolve(p, "concat_cols");
+    tape = expr::common_tape(tape, r.tape, "concat_cols");
+    if (r.ref.dims.rows != parts[0].rows()) {
+      std::string shapes;
+      for (const auto& q : parts) shapes += detail::cat(q.dims(), " ");
+      throw shape_error(detail::cat("concat_cols: row counts differ: ", shapes));
+    }
+    cols += r.ref.dims.cols;
+    grad = grad || r.ref.requires_grad;
+    refs.push_back(r.ref);
+  }
+  Tape<T, B>& t = *tape;
+  const int rows = parts[0].rows();
+  const std::uint32_t first = static_cast<std::uint32_t>(t.node_count());
+  const std::uint32_t out = t.new_output({rows, cols}, "concat_cols", op_kind::layout, grad);
+  if (!t.is_replayed(out)) {
+    T* y = t.node(out).value;
+    for (const auto& x : refs) {
+      B::copy(y, x.value, x.dims.size());
+      y += x.dims.size();
+    }
+  }
+  if (grad) {
+    auto* stored = t.template make_array<detail::operand<T>>(refs.size());
+    for (std::size_t i = 0; i < refs.size(); ++i) stored[i] = refs[i];
+    t.push_entry(detail::concat_cols_entry<T>{stored, static_cast<std::uint32_t>(refs.size()), out}, first);
+  }
+  return t.var_of(out);
+}
+template <class T, Backend B>
+Var<T, B> concat_cols(std::initializer_list<Var<T, B>> parts) {
+  return concat_cols(std::span<const Var<T, B>>(parts.begin(), parts.size()));
+}
+template <class T, Backend B>
+Var<T, B> concat_cols(const std::vector<Var<T, B>>& parts) {
+  return concat_cols(std::span<const Var<T, B>>(parts));
 }
 
 /// Stacks tensors with equal column counts on top of each other.
