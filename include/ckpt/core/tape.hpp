@@ -300,6 +300,23 @@ class Tape {
     if (p.nodes == 0) swept_ = false;
   }
 
+  /// A scoped nested recording: what is recorded while it lives is rolled back when it ends
+  /// (also when an exception unwinds it). sweep() back-propagates just that part.
+  class nested_recording {
+   public:
+    explicit nested_recording(Tape& t) : t_(t), start_(t.position()) {}
+    nested_recording(const nested_recording&) = delete;
+    nested_recording& operator=(const nested_recording&) = delete;
+    ~nested_recording() { t_.reset_to(start_); }
+    const ckpt::position& start() const { return start_; }
+    void sweep() { t_.backward_to(start_); }
+
+   private:
+    Tape& t_;
+    ckpt::position start_;
+  };
+  nested_recording nested() { return nested_recording(*this); }
+
   /// Starts the next step: drops the whole recording, advances the RNG step, resets the peak.
   void reset() noexcept {
     reset_to(ckpt::position{});
@@ -600,6 +617,7 @@ shape Var<T, B>::dims() const {
 
 template <class T, Backend B>
 bool Var<T, B>::requires_grad() const {
+  if (!tape_) throw tape_error("requires_grad: the Var is empty (default-constructed)");
   tape_->check(*this, "requires_grad");
   return tape_->node(index_).has(detail::requires_grad);
 }
