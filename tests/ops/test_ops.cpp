@@ -1,15 +1,791 @@
+// Every differentiable op against a reference forward value and against central finite
+// differences in double, on random shapes and values including batch 1 (cols = 1) and width 1
+// (rows = 1). Also: parameters as operands, the GEMM count of products with constant or frozen
+// operands, dropout's counter-based mask, and a float instantiation of every op.
 #include "support/gradcheck.hpp"
 
-using namespace ckpt;
-using ckpt::test::expect_grad;
-using ckpt::test::random_matrix;
+#include <array>
+#include <cmath>
+#include <functional>
+#include <numbers>
+#include <random>
+#include <string>
+#include <vector>
 
-TEST_CASE("elementwise: relu(a + b) * sigmoid(a) fused") {
-  expect_grad([](Tape<double>&, std::span<const Var<double>> v) -> Var<double> { return relu(v[0] + v[1]) * sigmoid(v[0]); },
-              {random_matrix(3, 4, 1), random_matrix(3, 4, 2)});
+using namespace ckpt;
+using ckpt::test::close_rel;
+using ckpt::test::expect_close;
+using ckpt::test::expect_grad;
+using ckpt::test::expect_op;
+using ckpt::test::expect_value;
+using ckpt::test::Mat;
+using ckpt::test::numeric_grad;
+using ckpt::test::program;
+using ckpt::test::random_away_from_zero;
+using ckpt::test::random_matrix;
+using ckpt::test::same_bits;
+using ckpt::test::test_shapes;
+
+using V = Var<double>;
+using Vs = std::span<const V>;
+
+namespace {
+
+Mat scalar_mat(double x) {
+  Mat m(1, 1);
+  m(0, 0) = x;
+  return m;
 }
 
-TEST_CASE("matmul with transposed operands") {
-  expect_grad([](Tape<double>&, std::span<const Var<double>> v) -> Var<double> { return matmul(transpose(v[0]), v[1]); },
-              {random_matrix(3, 4, 1), random_matrix(3, 2, 2)});
+/// m repeated to the broadcast shape `out`.
+Mat bcast(const Mat& m, shape out) {
+  return m.replicate(out.rows / static_cast<int>(m.rows()), out.cols / static_cast<int>(m.cols()));
+}
+
+Mat random_in(shape s, std::uint64_t seed, double lo = -1.0, double hi = 1.0) {
+  return random_matrix(s.rows, s.cols, seed, lo, hi);
+}
+
+std::vector<int> random_labels(int classes, int count, std::uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  std::uniform_int_distribution<int> d(0, classes - 1);
+  std::vector<int> labels(static_cast<std::size_t>(count));
+  for (int& l : labels) l = d(gen);
+  return labels;
+}
+
+Mat softmax_ref(const Mat& x) {
+  Mat y(x.rows(), x.cols());
+  for (int j = 0; j < x.cols(); ++j) {
+    const Eigen::VectorXd e = (x.col(j).array() - x.col(j).maxCoeff()).exp().matrix();
+    y.col(j) = e / e.sum();
+  }
+  return y;
+}
+
+Mat norm_ref(const Mat& x, const Mat& gain, const Mat* bias, double eps, bool centred) {
+  Mat y(x.rows(), x.cols());
+  for (int j = 0; j < x.cols(); ++j) {
+    const double mu = centred ? x.col(j).mean() : 0.0;
+    const Eigen::VectorXd d = x.col(j).array() - mu;
+    const double var = d.squaredNorm() / static_cast<double>(x.rows());
+    y.col(j) = gain.cwiseProduct(d / std::sqrt(var + eps));
+    if (bias) y.col(j) += *bias;
+  }
+  return y;
+}
+
+double cross_entropy_ref(const Mat& x, const std::vector<int>& labels) {
+  double total = 0;
+  for (int j = 0; j < x.cols(); ++j) {
+    const double mx = x.col(j).maxCoeff();
+    total += mx + std::log((x.col(j).array() - mx).exp().sum()) - x(labels[static_cast<std::size_t>(j)], j);
+  }
+  return total / static_cast<double>(x.cols());
+}
+
+/// The four elementwise binary ops, by index, as a program and as a reference.
+program binary_program(int op) {
+  switch (op) {
+    case 0: return [](Tape<double>&, Vs v) -> V { return v[0] + v[1]; };
+    case 1: return [](Tape<double>&, Vs v) -> V { return v[0] - v[1]; };
+    case 2: return [](Tape<double>&, Vs v) -> V { return v[0] * v[1]; };
+    default: return [](Tape<double>&, Vs v) -> V { return v[0] / v[1]; };
+  }
+}
+Mat binary_ref(int op, const Mat& a, const Mat& b) {
+  switch (op) {
+    case 0: return a + b;
+    case 1: return a - b;
+    case 2: return a.cwiseProduct(b);
+    default: return a.cwiseQuotient(b);
+  }
+}
+const char* binary_name(int op) {
+  static const char* names[] = {"+", "-", "*", "/"};
+  return names[op];
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ elementwise
+
+TEST_CASE("elementwise: + - * / tensor with tensor") {
+  std::uint64_t seed = 100;
+  for (const shape s : test_shapes(1)) {
+    CAPTURE(s);
+    const Mat a = random_in(s, ++seed);
+    const Mat b = random_in(s, ++seed);
+    const Mat d = random_away_from_zero(s.rows, s.cols, ++seed, 0.5, 2.0);
+    for (int op = 0; op < 4; ++op) {
+      CAPTURE(binary_name(op));
+      const Mat& rhs = op == 3 ? d : b;
+      expect_op(binary_program(op), {a, rhs}, binary_ref(op, a, rhs));
+    }
+    // The same Var on both sides: both adjoint contributions land in one buffer.
+    expect_op([](Tape<double>&, Vs v) -> V { return v[0] * v[0]; }, {a}, a.cwiseProduct(a));
+    expect_op([](Tape<double>&, Vs v) -> V { return v[0] - v[0]; }, {a}, Mat::Zero(s.rows, s.cols));
+  }
+}
+
+TEST_CASE("elementwise: tensor with scalar and scalar with tensor") {
+  std::uint64_t seed = 200;
+  for (const shape s : test_shapes(2)) {
+    CAPTURE(s);
+    const Mat a = random_in(s, ++seed);
+    const Mat d = random_away_from_zero(s.rows, s.cols, ++seed, 0.5, 2.0);
+    const auto A = a.array();
+    const auto D = d.array();
+    expect_op([](Tape<double>&, Vs v) -> V { return v[0] + 2.5; }, {a}, (A + 2.5).matrix());
+    expect_op([](Tape<double>&, Vs v) -> V { return v[0] - 1.5; }, {a}, (A - 1.5).matrix());
+    expect_op([](Tape<double>&, Vs v) -> V { return v[0] * -3.0; }, {a}, (A * -3.0).matrix());
+    expect_op([](Tape<double>&, Vs v) -> V { return v[0] / 1.7; }, {a}, (A / 1.7).matrix());
+    expect_op([](Tape<double>&, Vs v) -> V { return 2.5 + v[0]; }, {a}, (2.5 + A).matrix());
+    expect_op([](Tape<double>&, Vs v) -> V { return 1.5 - v[0]; }, {a}, (1.5 - A).matrix());
+    expect_op([](Tape<double>&, Vs v) -> V { return -3.0 * v[0]; }, {a}, (-3.0 * A).matrix());
+    expect_op([](Tape<double>&, Vs v) -> V { return 1.7 / v[0]; }, {d}, (1.7 / D).matrix());
+    // Integer and float scalars convert to the tape's type.
+    expect_op([](Tape<double>&, Vs v) -> V { return 2 * v[0]; }, {a}, (2.0 * A).matrix());
+    expect_op([](Tape<double>&, Vs v) -> V { return v[0] / 4; }, {a}, (A / 4.0).matrix());
+    expect_op([](Tape<double>&, Vs v) -> V { return v[0] * 0.5f; }, {a}, (A * 0.5).matrix());
+  }
+}
+
+TEST_CASE("elementwise: unary minus") {
+  std::uint64_t seed = 300;
+  for (const shape s : test_shapes(3)) {
+    CAPTURE(s);
+    const Mat a = random_in(s, ++seed);
+    expect_op([](Tape<double>&, Vs v) -> V { return -v[0]; }, {a}, -a);
+    expect_op([](Tape<double>&, Vs v) -> V { return -(v[0] * 2.0) + v[0]; }, {a}, -a);
+  }
+}
+
+TEST_CASE("elementwise: 2-D broadcasting (rows x 1 bias, 1 x cols, 1 x 1) for + - * /") {
+  std::uint64_t seed = 400;
+  for (const shape s : test_shapes(4)) {
+    const int r = s.rows, c = s.cols;
+    const std::vector<std::pair<shape, shape>> pairs = {
+        {{r, c}, {r, 1}}, {{r, 1}, {r, c}}, {{r, c}, {1, c}}, {{1, c}, {r, c}},
+        {{r, 1}, {1, c}}, {{1, c}, {r, 1}}, {{r, c}, {1, 1}}, {{1, 1}, {r, c}},
+    };
+    for (const auto& pair : pairs) {
+      const shape sa = pair.first, sb = pair.second;  // not a structured binding: clang 14 cannot capture those
+      CAPTURE(sa);
+      CAPTURE(sb);
+      const shape out{std::max(sa.rows, sb.rows), std::max(sa.cols, sb.cols)};
+      const Mat a = random_in(sa, ++seed);
+      const Mat b = random_in(sb, ++seed);
+      const Mat d = random_away_from_zero(sb.rows, sb.cols, ++seed, 0.5, 2.0);
+      for (int op = 0; op < 4; ++op) {
+        CAPTURE(binary_name(op));
+        const Mat& rhs = op == 3 ? d : b;
+        expect_op(binary_program(op), {a, rhs}, binary_ref(op, bcast(a, out), bcast(rhs, out)));
+      }
+    }
+    // Broadcasts nested inside a larger fused expression: the inner node is r x 1 or 1 x c,
+    // the outer one r x c.
+    const Mat col = random_in({r, 1}, ++seed), row = random_in({1, c}, ++seed), full = random_in(s, ++seed);
+    const Mat outer = bcast(col, s) + bcast(row, s);
+    expect_op([](Tape<double>&, Vs v) -> V { return (v[0] + v[1]) * v[2]; }, {col, row, full},
+              outer.cwiseProduct(full));
+    expect_op([](Tape<double>&, Vs v) -> V { return tanh(v[0] * v[1]) - v[0]; }, {col, full},
+              (bcast(col, s).cwiseProduct(full).array().tanh() - bcast(col, s).array()).matrix());
+    expect_op([](Tape<double>&, Vs v) -> V { return v[2] + (v[0] * 2.0 + v[1]); }, {col, col, full},
+              full + bcast(3.0 * col, s));
+  }
+}
+
+TEST_CASE("elementwise: activations, exp, log, sqrt, square, pow") {
+  using std::numbers::pi;
+  struct unary_case {
+    const char* name;
+    program f;
+    std::function<Mat(const Mat&)> ref;
+    int domain;  // 0: [-2, 2); 1: magnitude in [0.2, 2), random sign; 2: [0.5, 2)
+  };
+  const std::vector<unary_case> cases = {
+      {"relu", [](Tape<double>&, Vs v) -> V { return relu(v[0]); }, [](const Mat& x) -> Mat { return x.cwiseMax(0.0); }, 1},
+      {"gelu", [](Tape<double>&, Vs v) -> V { return gelu(v[0]); },
+       [](const Mat& x) -> Mat {
+         const auto X = x.array();
+         return (0.5 * X * (1.0 + (std::sqrt(2.0 / pi) * (X + 0.044715 * X.cube())).tanh())).matrix();
+       },
+       0},
+      {"silu", [](Tape<double>&, Vs v) -> V { return silu(v[0]); },
+       [](const Mat& x) -> Mat { return (x.array() / (1.0 + (-x.array()).exp())).matrix(); }, 0},
+      {"sigmoid", [](Tape<double>&, Vs v) -> V { return sigmoid(v[0]); },
+       [](const Mat& x) -> Mat { return (1.0 / (1.0 + (-x.array()).exp())).matrix(); }, 0},
+      {"tanh", [](Tape<double>&, Vs v) -> V { return tanh(v[0]); }, [](const Mat& x) -> Mat { return x.array().tanh().matrix(); }, 0},
+      {"exp", [](Tape<double>&, Vs v) -> V { return exp(v[0]); }, [](const Mat& x) -> Mat { return x.array().exp().matrix(); }, 0},
+      {"log", [](Tape<double>&, Vs v) -> V { return log(v[0]); }, [](const Mat& x) -> Mat { return x.array().log().matrix(); }, 2},
+      {"sqrt", [](Tape<double>&, Vs v) -> V { return sqrt(v[0]); }, [](const Mat& x) -> Mat { return x.array().sqrt().matrix(); }, 2},
+      {"square", [](Tape<double>&, Vs v) -> V { return square(v[0]); }, [](const Mat& x) -> Mat { return x.array().square().matrix(); }, 0},
+      {"pow 3", [](Tape<double>&, Vs v) -> V { return pow(v[0], 3); }, [](const Mat& x) -> Mat { return x.array().pow(3.0).matrix(); }, 0},
+      {"pow 2.5", [](Tape<double>&, Vs v) -> V { return pow(v[0], 2.5); }, [](const Mat& x) -> Mat { return x.array().pow(2.5).matrix(); }, 2},
+      {"pow -1.5", [](Tape<double>&, Vs v) -> V { return pow(v[0], -1.5); }, [](const Mat& x) -> Mat { return x.array().pow(-1.5).matrix(); }, 2},
+      {"pow 0.5 of an expression", [](Tape<double>&, Vs v) -> V { return pow(v[0] * 2.0, 0.5); },
+       [](const Mat& x) -> Mat { return (2.0 * x.array()).sqrt().matrix(); }, 2},
+  };
+  std::uint64_t seed = 500;
+  for (const shape s : test_shapes(5)) {
+    CAPTURE(s);
+    for (const auto& c : cases) {
+      CAPTURE(c.name);
+      ++seed;
+      const Mat x = c.domain == 0   ? random_in(s, seed, -2.0, 2.0)
+                    : c.domain == 1 ? random_away_from_zero(s.rows, s.cols, seed, 0.2, 2.0)
+                                    : random_in(s, seed, 0.5, 2.0);
+      expect_op(c.f, {x}, c.ref(x));
+    }
+  }
+}
+
+TEST_CASE("elementwise: a fused expression that uses the same leaf twice is one entry") {
+  std::uint64_t seed = 600;
+  for (const shape s : test_shapes(6)) {
+    CAPTURE(s);
+    const Mat x = random_in(s, ++seed, -2.0, 2.0);
+    const Mat y = random_away_from_zero(s.rows, s.cols, ++seed, 0.5, 2.0);
+    const auto X = x.array(), Y = y.array();
+    expect_op([](Tape<double>&, Vs v) -> V { return v[0] * sigmoid(v[0]); }, {x}, (X / (1.0 + (-X).exp())).matrix());
+    expect_op([](Tape<double>&, Vs v) -> V { return (v[0] + v[1]) * (v[0] - v[1]) / exp(v[0]) + square(v[1]) / v[1]; }, {x, y},
+              ((X + Y) * (X - Y) / X.exp() + Y).matrix());
+    expect_op([](Tape<double>&, Vs v) -> V { return relu(v[0] + v[1]) * sigmoid(v[0]); }, {x, y},
+              ((X + Y).max(0.0) / (1.0 + (-X).exp())).matrix(), 1e-5);
+
+    // One entry and one new node for the whole tree (no temporaries on the tape).
+    Tape<double> tape;
+    const V a = tape.variable(x), b = tape.variable(y);
+    const std::size_t entries = tape.entry_count(), nodes = tape.node_count();
+    V z = a * sigmoid(a) + exp(b) * (a - b) / b;
+    CHECK(tape.entry_count() == entries + 1);
+    CHECK(tape.node_count() == nodes + 1);
+    CHECK(std::string(tape.node(z.index()).op) == "add");
+    CHECK(tape.node(z.index()).kind == op_kind::elementwise);
+  }
+}
+
+// ------------------------------------------------------------------ reductions and losses
+
+TEST_CASE("reductions: sum, mean, mse, fused and broadcast operands") {
+  std::uint64_t seed = 700;
+  for (const shape s : test_shapes(7)) {
+    CAPTURE(s);
+    const Mat a = random_in(s, ++seed), b = random_in(s, ++seed), col = random_in({s.rows, 1}, ++seed);
+    const double n = static_cast<double>(a.size());
+    expect_op([](Tape<double>&, Vs v) -> V { return sum(v[0]); }, {a}, scalar_mat(a.sum()));
+    expect_op([](Tape<double>&, Vs v) -> V { return mean(v[0]); }, {a}, scalar_mat(a.mean()));
+    expect_op([](Tape<double>&, Vs v) -> V { return mse(v[0], v[1]); }, {a, b}, scalar_mat((a - b).squaredNorm() / n));
+    const Mat r = random_away_from_zero(s.rows, s.cols, ++seed);
+    expect_op([](Tape<double>&, Vs v) -> V { return mse(relu(v[0]), v[1] * 2.0); }, {r, b},
+              scalar_mat((r.cwiseMax(0.0) - 2.0 * b).squaredNorm() / n));
+    expect_op([](Tape<double>&, Vs v) -> V { return sum(square(v[0] - v[1])); }, {a, b}, scalar_mat((a - b).squaredNorm()));
+    expect_op([](Tape<double>&, Vs v) -> V { return mean(v[0] * v[1]); }, {a, col}, scalar_mat(a.cwiseProduct(bcast(col, s)).mean()));
+    expect_op([](Tape<double>&, Vs v) -> V { return sum(v[1] - v[0]); }, {a, col}, scalar_mat((bcast(col, s) - a).sum()));
+    // mse with a constant target: only the prediction gets a gradient.
+    expect_grad([b](Tape<double>& t, Vs v) -> V { return mse(v[0], t.constant(b)); }, {a});
+  }
+}
+
+TEST_CASE("rowwise: softmax and log_softmax along the features") {
+  std::uint64_t seed = 800;
+  for (const shape s : test_shapes(8)) {
+    CAPTURE(s);
+    const Mat x = random_in(s, ++seed, -3.0, 3.0);
+    const Mat sm = softmax_ref(x);
+    expect_op([](Tape<double>&, Vs v) -> V { return softmax(v[0]); }, {x}, sm);
+    expect_op([](Tape<double>&, Vs v) -> V { return log_softmax(v[0]); }, {x}, sm.array().log().matrix());
+    // On an expression operand (recorded first), and stable for large logits.
+    expect_op([](Tape<double>&, Vs v) -> V { return softmax(v[0] * 2.0); }, {x}, softmax_ref(2.0 * x));
+    const Mat big = (x.array() + 1000.0).matrix();
+    expect_op([](Tape<double>&, Vs v) -> V { return log_softmax(v[0]); }, {big}, sm.array().log().matrix(), 1e-5);
+  }
+}
+
+TEST_CASE("rowwise: layer_norm with gain and bias as inputs, rms_norm") {
+  std::uint64_t seed = 900;
+  for (const shape s : test_shapes(9)) {
+    CAPTURE(s);
+    const Mat x = random_in(s, ++seed, -2.0, 2.0);
+    const Mat g = random_in({s.rows, 1}, ++seed, 0.5, 1.5);
+    const Mat b = random_in({s.rows, 1}, ++seed);
+    expect_op([](Tape<double>&, Vs v) -> V { return layer_norm(v[0], v[1], v[2]); }, {x, g, b}, norm_ref(x, g, &b, 1e-5, true));
+    expect_op([](Tape<double>&, Vs v) -> V { return layer_norm(v[0], v[1], v[2], 0.25); }, {x, g, b}, norm_ref(x, g, &b, 0.25, true));
+    expect_op([](Tape<double>&, Vs v) -> V { return rms_norm(v[0], v[1]); }, {x, g}, norm_ref(x, g, nullptr, 1e-6, false));
+    expect_op([](Tape<double>&, Vs v) -> V { return rms_norm(v[0], v[1], 0.5); }, {x, g}, norm_ref(x, g, nullptr, 0.5, false));
+    // Expression operands; a constant gain and bias (only x gets a gradient).
+    expect_op([](Tape<double>&, Vs v) -> V { return layer_norm(v[0] * v[0], v[1] + 1.0, v[2]); }, {x, g, b},
+              norm_ref(x.cwiseProduct(x), (g.array() + 1.0).matrix(), &b, 1e-5, true));
+    expect_grad([g, b](Tape<double>& t, Vs v) -> V { return layer_norm(v[0], t.constant(g), t.constant(b)); }, {x});
+    expect_grad([x](Tape<double>& t, Vs v) -> V { return rms_norm(t.constant(x), v[0]); }, {g});
+  }
+}
+
+TEST_CASE("loss: cross_entropy with integer labels") {
+  std::uint64_t seed = 1000;
+  for (const shape s : test_shapes(10)) {
+    CAPTURE(s);
+    const Mat x = random_in(s, ++seed, -3.0, 3.0);
+    const std::vector<int> labels = random_labels(s.rows, s.cols, ++seed);
+    expect_op([labels](Tape<double>&, Vs v) -> V { return cross_entropy(v[0], labels); }, {x}, scalar_mat(cross_entropy_ref(x, labels)));
+    expect_op([labels](Tape<double>&, Vs v) -> V { return cross_entropy(v[0] * 3.0 + 2.0, std::span<const int>(labels)); }, {x},
+              scalar_mat(cross_entropy_ref((3.0 * x.array() + 2.0).matrix(), labels)));
+  }
+}
+
+// ------------------------------------------------------------------ products and layout
+
+TEST_CASE("matmul: all four transpose combinations") {
+  std::mt19937_64 gen(11);
+  std::uniform_int_distribution<int> d(2, 5);
+  const int m0 = d(gen), k0 = d(gen), n0 = d(gen);
+  const std::vector<std::array<int, 3>> dims = {{m0, k0, n0}, {m0, k0, 1}, {1, k0, n0}, {m0, 1, n0}, {1, 1, 1}, {1, k0, 1}};
+  std::uint64_t seed = 1100;
+  for (const auto& mkn : dims) {
+    const int m = mkn[0], k = mkn[1], n = mkn[2];
+    CAPTURE(m);
+    CAPTURE(k);
+    CAPTURE(n);
+    const Mat a = random_in({m, k}, ++seed), b = random_in({k, n}, ++seed);
+    const Mat at = a.transpose(), bt = b.transpose();
+    const Mat ab = a * b;
+    expect_op([](Tape<double>&, Vs v) -> V { return matmul(v[0], v[1]); }, {a, b}, ab);
+    expect_op([](Tape<double>&, Vs v) -> V { return matmul(transpose(v[0]), v[1]); }, {at, b}, ab);
+    expect_op([](Tape<double>&, Vs v) -> V { return matmul(v[0], transpose(v[1])); }, {a, bt}, ab);
+    expect_op([](Tape<double>&, Vs v) -> V { return matmul(transpose(v[0]), transpose(v[1])); }, {at, bt}, ab);
+    // Expression operands (recorded first), transposed or not; the same Var on both sides.
+    expect_op([](Tape<double>&, Vs v) -> V { return matmul(v[0] * 2.0, transpose(v[1] - 1.0)); }, {a, bt},
+              2.0 * a * (b.array() - 1.0).matrix());
+    expect_op([](Tape<double>&, Vs v) -> V { return matmul(v[0], transpose(v[0])); }, {a}, a * at);
+    expect_op([](Tape<double>&, Vs v) -> V { return matmul(transpose(v[0]), v[0]); }, {a}, at * a);
+  }
+}
+
+TEST_CASE("layout: standalone transpose") {
+  std::uint64_t seed = 1200;
+  for (const shape s : test_shapes(12)) {
+    CAPTURE(s);
+    const Mat x = random_in(s, ++seed), y = random_in({s.cols, s.rows}, ++seed);
+    const Mat xt = x.transpose();
+    expect_op([](Tape<double>&, Vs v) -> V {
+      Var<double> t = transpose(v[0]);
+      return t;
+    }, {x}, xt);
+    expect_op([](Tape<double>&, Vs v) -> V {
+      Var<double> t = transpose(v[0]);
+      return t * v[1] + t;
+    }, {x, y}, xt.cwiseProduct(y) + xt);
+    expect_op([](Tape<double>&, Vs v) -> V { return eval(transpose(v[0])); }, {x}, xt);
+    expect_op([](Tape<double>&, Vs v) -> V {
+      Var<double> t = transpose(sigmoid(v[0]));
+      return t;
+    }, {x}, (1.0 / (1.0 + (-xt.array()).exp())).matrix());
+    // A recorded transpose is a layout entry of its own, not an elementwise copy.
+    Tape<double> tape;
+    const V a = tape.variable(x);
+    Var<double> t = transpose(a);
+    CHECK(std::string(tape.node(t.index()).op) == "transpose");
+    CHECK(t.dims() == shape{s.cols, s.rows});
+  }
+}
+
+TEST_CASE("layout: slice_rows") {
+  std::uint64_t seed = 1300;
+  for (const shape s : test_shapes(13)) {
+    CAPTURE(s);
+    const Mat x = random_in(s, ++seed);
+    std::vector<std::pair<int, int>> ranges = {{0, s.rows}, {0, 1}, {s.rows - 1, 1}};
+    if (s.rows >= 3) ranges.push_back({1, s.rows - 2});
+    for (const auto& range : ranges) {
+      const int begin = range.first, count = range.second;
+      CAPTURE(begin);
+      CAPTURE(count);
+      expect_op([begin, count](Tape<double>&, Vs v) -> V { return slice_rows(v[0], begin, count); }, {x}, x.middleRows(begin, count));
+      expect_op([begin, count](Tape<double>&, Vs v) -> V { return slice_rows(v[0] * v[0], begin, count) * 3.0; }, {x},
+                3.0 * x.cwiseProduct(x).middleRows(begin, count));
+    }
+    // Two slices of one tensor: their adjoints add up in the source.
+    if (s.rows >= 2) {
+      const int h = s.rows / 2;
+      expect_op([h](Tape<double>&, Vs v) -> V { return slice_rows(v[0], 0, h) * slice_rows(v[0], 1, h); }, {x},
+                x.topRows(h).cwiseProduct(x.middleRows(1, h)));
+    }
+  }
+}
+
+TEST_CASE("layout: concat_rows") {
+  std::uint64_t seed = 1400;
+  for (const shape s : test_shapes(14)) {
+    CAPTURE(s);
+    const Mat a = random_in({s.rows, s.cols}, ++seed), b = random_in({1, s.cols}, ++seed), c = random_in({3, s.cols}, ++seed);
+    Mat abc(a.rows() + b.rows() + c.rows(), s.cols);
+    abc << a, b, c;
+    Mat aa(2 * a.rows(), s.cols);
+    aa << a, a;
+    expect_op([](Tape<double>&, Vs v) -> V { return concat_rows({v[0], v[1], v[2]}); }, {a, b, c}, abc);
+    expect_op([](Tape<double>&, Vs v) -> V { return concat_rows(std::vector<V>{v[0], v[0]}); }, {a}, aa);
+    expect_op([](Tape<double>&, Vs v) -> V { return concat_rows(v.subspan(0, 1)); }, {a}, a);
+    // A constant part gets no gradient; the variable parts still do.
+    expect_op([c](Tape<double>& t, Vs v) -> V { return concat_rows({v[0], t.constant(c), v[1]}); }, {a, b},
+              (Mat(abc.rows(), s.cols) << a, c, b).finished());
+    // Slicing a concatenation back apart is the identity.
+    expect_op([](Tape<double>&, Vs v) -> V { return slice_rows(concat_rows({v[0], v[1]}), v[0].rows(), 1); }, {a, b}, b);
+  }
+}
+
+TEST_CASE("layout: slice_cols and concat_cols") {
+  std::uint64_t seed = 1450;
+  for (const shape s : test_shapes(145)) {
+    CAPTURE(s);
+    const Mat x = random_in(s, ++seed);
+    std::vector<std::pair<int, int>> ranges = {{0, s.cols}, {0, 1}, {s.cols - 1, 1}};
+    if (s.cols >= 3) ranges.push_back({1, s.cols - 2});
+    for (const auto& range : ranges) {
+      const int begin = range.first, count = range.second;
+      CAPTURE(begin);
+      CAPTURE(count);
+      expect_op([begin, count](Tape<double>&, Vs v) -> V { return slice_cols(v[0], begin, count); }, {x}, x.middleCols(begin, count));
+      expect_op([begin, count](Tape<double>&, Vs v) -> V { return slice_cols(exp(v[0]), begin, count) * 2.0; }, {x},
+                2.0 * x.array().exp().matrix().middleCols(begin, count));
+    }
+    const Mat a = random_in({s.rows, s.cols}, ++seed), b = random_in({s.rows, 1}, ++seed), c = random_in({s.rows, 3}, ++seed);
+    Mat abc(s.rows, a.cols() + b.cols() + c.cols());
+    abc << a, b, c;
+    Mat aa(s.rows, 2 * a.cols());
+    aa << a, a;
+    expect_op([](Tape<double>&, Vs v) -> V { return concat_cols({v[0], v[1], v[2]}); }, {a, b, c}, abc);
+    expect_op([](Tape<double>&, Vs v) -> V { return concat_cols(std::vector<V>{v[0], v[0]}); }, {a}, aa);
+    expect_op([c](Tape<double>& t, Vs v) -> V { return concat_cols({v[0], t.constant(c), v[1]}); }, {a, b},
+              (Mat(s.rows, abc.cols()) << a, c, b).finished());
+    // Each sequence of a batch through its own op, joined back: the adjoints land per column.
+    expect_op([](Tape<double>&, Vs v) -> V {
+      std::vector<V> cols;
+      for (int j = 0; j < v[0].cols(); ++j) cols.push_back(slice_cols(v[0], j, 1) * static_cast<double>(j + 1));
+      return concat_cols(cols);
+    }, {a}, a * Eigen::VectorXd::LinSpaced(s.cols, 1.0, static_cast<double>(s.cols)).asDiagonal());
+  }
+}
+
+// ------------------------------------------------------------------ dropout
+
+TEST_CASE("dropout: gradient against finite differences (the mask is fixed for a fresh tape)") {
+  std::uint64_t seed = 1500;
+  for (const shape s : test_shapes(15)) {
+    CAPTURE(s);
+    const Mat x = random_in(s, ++seed), y = random_away_from_zero(s.rows, s.cols, ++seed);
+    // A fresh tape has seed 0x5eed, step 0 and op counter 0: the reference draws that mask.
+    const std::uint64_t key = rng::key(Tape<double>{}.seed(), 0, 0);
+    Mat expected(s.rows, s.cols);
+    for (long i = 0; i < x.size(); ++i)
+      expected(i) = rng::uniform(key, static_cast<std::uint64_t>(i)) >= 0.4f ? x(i) * (1.0 / 0.6) : 0.0;
+    expect_op([](Tape<double>&, Vs v) -> V { return dropout(v[0], 0.4); }, {x}, expected);
+    expect_grad([](Tape<double>&, Vs v) -> V { return dropout(relu(v[1]) * v[0], 0.25) + v[0]; }, {x, y});
+    expect_grad([](Tape<double>&, Vs v) -> V { return matmul(dropout(v[0], 0.5), transpose(v[1])); }, {x, y});
+  }
+}
+
+TEST_CASE("dropout: p = 0 is the identity") {
+  const Mat x = random_matrix(6, 5, 1);
+  Tape<double> tape;
+  const V a = tape.variable(x);
+  V y = dropout(a, 0.0);
+  CHECK(same_bits(y.value(), x));
+  V loss = sum(y * 3.0);
+  tape.backward(loss);
+  CHECK(same_bits(tape.grad(a), Mat::Constant(6, 5, 3.0)));
+  expect_grad([](Tape<double>&, Vs v) -> V { return dropout(v[0], 0.0); }, {x});
+}
+
+TEST_CASE("dropout: drops about p of the elements and scales the rest by 1 / (1 - p)") {
+  const Mat ones = Mat::Ones(100, 100);
+  for (const double p : {0.1, 0.5, 0.9}) {
+    CAPTURE(p);
+    Tape<double> tape;
+    const V a = tape.variable(ones);
+    V y = dropout(a, p);
+    const Mat v = y.value();
+    const long dropped = (v.array() == 0.0).count();
+    CHECK(std::abs(static_cast<double>(dropped) / 10000.0 - p) < 0.03);
+    const double scale = 1.0 / (1.0 - p);
+    CHECK(((v.array() == 0.0) || (v.array() == scale)).all());
+    // The reverse applies the same mask and scale.
+    V loss = sum(y);
+    tape.backward(loss);
+    CHECK(same_bits(tape.grad(a), v));
+  }
+}
+
+TEST_CASE("dropout: the mask is a function of (seed, step, op)") {
+  const Mat ones = Mat::Ones(16, 16);
+  auto mask = [&](Tape<double>& tape) {
+    const V a = tape.constant(ones);
+    V y = dropout(a, 0.5);
+    return Mat(y.value());
+  };
+  Tape<double> tape;
+  tape.set_seed(42);
+  const Mat m0 = mask(tape);                    // step 0, op 0
+  const Mat m1 = mask(tape);                    // step 0, op 1
+  CHECK(tape.rng_counter() == 2);
+  CHECK_FALSE(same_bits(m0, m1));
+  tape.reset();                                 // step 1, op 0
+  CHECK(tape.step() == 1);
+  CHECK(tape.rng_counter() == 0);
+  const Mat s1 = mask(tape);
+  CHECK_FALSE(same_bits(m0, s1));
+  tape.reset();
+  tape.set_step(0);                             // back to step 0, op 0: the same mask
+  CHECK(same_bits(mask(tape), m0));
+  tape.set_rng_counter(1);                      // step 0, op 1
+  CHECK(same_bits(mask(tape), m1));
+
+  Tape<double> other;                           // another tape with the same seed agrees
+  other.set_seed(42);
+  CHECK(same_bits(mask(other), m0));
+  Tape<double> third;                           // a different seed does not
+  third.set_seed(43);
+  CHECK_FALSE(same_bits(mask(third), m0));
+
+  // A broadcast (non-dense) expression draws the same mask as the dense one.
+  Tape<double> dense, strided;
+  dense.set_seed(42);
+  strided.set_seed(42);
+  const V d = dense.constant(ones);
+  V yd = dropout(d, 0.5);
+  const V sd = strided.constant(ones);
+  const V bias = strided.constant(Mat::Zero(16, 1));
+  V ys = dropout(sd, 0.5) + bias;
+  CHECK(same_bits(yd.value(), ys.value()));
+  CHECK(same_bits(yd.value(), m0));
+}
+
+// ------------------------------------------------------------------ parameters
+
+namespace {
+
+using param_program = std::function<V(Tape<double>&, std::vector<Parameter<double>>&)>;
+
+/// Builds parameters from `inits`, runs f once on a tape and back-propagates, then compares
+/// every p.grad() against finite differences of f's value.
+void expect_param_grad(const param_program& f, const std::vector<Mat>& inits, double tol = 1e-6) {
+  auto make = [](const std::vector<Mat>& xs) {
+    std::vector<Parameter<double>> ps;
+    ps.reserve(xs.size());
+    for (const auto& x : xs) ps.emplace_back(x);
+    return ps;
+  };
+  std::vector<Parameter<double>> ps = make(inits);
+  {
+    Tape<double> tape;
+    V loss = f(tape, ps);
+    REQUIRE(loss.dims() == shape{1, 1});
+    tape.backward(loss);
+  }
+  const auto numeric = numeric_grad(
+      [&](const std::vector<Mat>& xs) {
+        std::vector<Parameter<double>> qs = make(xs);
+        Tape<double> tape;
+        return f(tape, qs).item();
+      },
+      inits);
+  for (std::size_t k = 0; k < inits.size(); ++k) expect_close(ps[k].grad(), numeric[k], tol, "gradient of parameter " + std::to_string(k));
+}
+
+}  // namespace
+
+TEST_CASE("parameters: elementwise ops and products accumulate into p.grad()") {
+  std::uint64_t seed = 1600;
+  for (const shape s : test_shapes(16)) {
+    CAPTURE(s);
+    const int r = s.rows, c = s.cols;
+    const Mat x = random_in(s, ++seed), w = random_in(s, ++seed, 0.5, 1.5);
+    const Mat p = random_in(s, ++seed), col = random_in({r, 1}, ++seed), row = random_in({1, c}, ++seed);
+    // The same parameter twice in one expression.
+    expect_param_grad([&](Tape<double>& t, std::vector<Parameter<double>>& ps) -> V {
+      return sum((ps[0] * t.constant(x) + ps[0]) * t.constant(w));
+    }, {p});
+    // Broadcast parameters (a row scale and a column bias) with a Var operand.
+    expect_param_grad([&](Tape<double>& t, std::vector<Parameter<double>>& ps) -> V {
+      return sum(tanh(t.constant(x) * ps[0] + ps[1]) * t.constant(w));
+    }, {row, col});
+    // Products with a parameter on either side, transposed or not, and on both sides.
+    const Mat W = random_in({3, r}, ++seed), wy = random_in({3, c}, ++seed, 0.5, 1.5);
+    expect_param_grad([&](Tape<double>& t, std::vector<Parameter<double>>& ps) -> V {
+      return sum((matmul(ps[0], t.constant(x)) + ps[1]) * t.constant(wy));
+    }, {W, random_in({3, 1}, ++seed)});
+    expect_param_grad([&](Tape<double>& t, std::vector<Parameter<double>>& ps) -> V {
+      return sum(matmul(transpose(ps[0]), t.constant(wy)) * t.constant(x));
+    }, {W});
+    expect_param_grad([&](Tape<double>& t, std::vector<Parameter<double>>& ps) -> V {
+      return sum(matmul(t.constant(random_in({c, 3}, 5)), transpose(ps[0])) * t.constant(random_in({c, r}, 3)));
+    }, {random_in({r, 3}, ++seed)});
+    expect_param_grad([&](Tape<double>& t, std::vector<Parameter<double>>& ps) -> V {
+      return sum(matmul(t.param(ps[0]), transpose(ps[0])) * t.constant(random_in({r, r}, 4)));
+    }, {p});
+    // A parameter brought onto the tape as a Var: its gradient still lands in p.grad().
+    expect_param_grad([&](Tape<double>& t, std::vector<Parameter<double>>& ps) -> V {
+      const V pv = t.param(ps[0]);
+      return sum(softmax(matmul(pv, t.constant(x))) * t.constant(wy)) + mean(square(pv));
+    }, {W});
+    // Gain and bias of a normalisation as parameters.
+    expect_param_grad([&](Tape<double>& t, std::vector<Parameter<double>>& ps) -> V {
+      return sum(layer_norm(t.constant(x), ps[0], ps[1]) * t.constant(w)) + sum(rms_norm(t.constant(x), ps[0]) * t.constant(w));
+    }, {random_in({r, 1}, ++seed, 0.5, 1.5), col});
+  }
+}
+
+TEST_CASE("parameters: gradients accumulate over steps until zero_grad()") {
+  const Mat x = random_matrix(4, 3, 1), Wm = random_matrix(2, 4, 2), bm = random_matrix(2, 1, 3);
+  Parameter<double> W(Wm), b(bm);
+  auto step = [&] {
+    Tape<double> tape;
+    V loss = mean(square(matmul(W, tape.constant(x)) + b));
+    tape.backward(loss);
+  };
+  step();
+  const Mat gW = W.grad(), gb = b.grad();
+  CHECK(gW.norm() > 0);
+  step();
+  CHECK(close_rel(W.grad(), 2.0 * gW, 1e-14));
+  CHECK(close_rel(b.grad(), 2.0 * gb, 1e-14));
+  W.zero_grad();
+  b.zero_grad();
+  CHECK(W.grad().isZero(0.0));
+  step();
+  CHECK(close_rel(W.grad(), gW, 1e-14));
+  CHECK(close_rel(b.grad(), gb, 1e-14));
+}
+
+TEST_CASE("matmul: a frozen parameter or a constant operand gets no gradient GEMM") {
+  const Mat Wm = random_matrix(4, 3, 1), xm = random_matrix(3, 5, 2), wm = random_matrix(4, 5, 3, 0.5, 1.5);
+  const Mat wt = random_matrix(3, 5, 4, 0.5, 1.5);
+
+  SUBCASE("trainable parameter times a variable: two GEMMs in reverse") {
+    Parameter<double> W(Wm);
+    Tape<double> tape;
+    const V x = tape.variable(xm);
+    V y = matmul(W, x);
+    CHECK(tape.counters().gemms == 1);
+    V loss = sum(y * tape.constant(wm));
+    tape.backward(loss);
+    CHECK(tape.counters().gemms == 3);
+    CHECK(close_rel(W.grad(), wm * xm.transpose(), 1e-14));
+    CHECK(close_rel(tape.grad(x), Wm.transpose() * wm, 1e-14));
+  }
+  SUBCASE("frozen parameter times a variable: one GEMM in reverse, none for the parameter") {
+    Parameter<double> W(Wm, /*frozen=*/true);
+    CHECK(W.frozen());
+    CHECK(W.grad_data() == nullptr);
+    Tape<double> tape;
+    const V x = tape.variable(xm);
+    V y = matmul(W, x);
+    CHECK(tape.counters().gemms == 1);
+    V loss = sum(y * tape.constant(wm));
+    tape.backward(loss);
+    CHECK(tape.counters().gemms == 2);
+    CHECK(close_rel(tape.grad(x), Wm.transpose() * wm, 1e-14));
+    CHECK_THROWS_WITH_AS(W.grad(), doctest::Contains("grad: parameter 4x3 is frozen"), tape_error);
+  }
+  SUBCASE("frozen parameter on the right, transposed, through tape.param") {
+    Parameter<double> W(Wm, /*frozen=*/true);
+    Tape<double> tape;
+    const V x = tape.variable(wt.transpose());  // 5x3
+    V y = matmul(x, transpose(W));               // 5x4
+    V z = matmul(tape.param(W), transpose(x));   // 4x5
+    CHECK(tape.counters().gemms == 2);
+    V loss = sum(y * tape.constant(wm.transpose())) + sum(z * tape.constant(wm));
+    tape.backward(loss);
+    CHECK(tape.counters().gemms == 4);
+    CHECK(close_rel(tape.grad(x), 2.0 * wm.transpose() * Wm, 1e-14));
+    CHECK_THROWS_AS(W.grad(), tape_error);
+  }
+  SUBCASE("trainable parameter times a constant: one GEMM in reverse, for the parameter") {
+    Parameter<double> W(Wm);
+    Tape<double> tape;
+    V y = matmul(W, tape.constant(xm));
+    V loss = sum(y * tape.constant(wm));
+    tape.backward(loss);
+    CHECK(tape.counters().gemms == 2);
+    CHECK(close_rel(W.grad(), wm * xm.transpose(), 1e-14));
+  }
+  SUBCASE("constant times a variable: one GEMM in reverse") {
+    Tape<double> tape;
+    const V x = tape.variable(xm);
+    V y = matmul(tape.constant(Wm), x);
+    V loss = sum(y * tape.constant(wm));
+    tape.backward(loss);
+    CHECK(tape.counters().gemms == 2);
+    CHECK(close_rel(tape.grad(x), Wm.transpose() * wm, 1e-14));
+  }
+  SUBCASE("frozen parameter times a constant: no entry at all") {
+    Parameter<double> W(Wm, true);
+    Tape<double> tape;
+    const std::size_t entries = tape.entry_count();
+    V y = matmul(W, tape.constant(xm));
+    CHECK(tape.entry_count() == entries);
+    CHECK_FALSE(y.requires_grad());
+    CHECK(close_rel(Mat(y.value()), Wm * xm, 1e-14));
+    CHECK(tape.counters().gemms == 1);
+  }
+  SUBCASE("unfreezing gives a zeroed gradient and the second GEMM back") {
+    Parameter<double> W(Wm, true);
+    W.set_frozen(false);
+    CHECK(W.grad().isZero(0.0));
+    Tape<double> tape;
+    const V x = tape.variable(xm);
+    V loss = sum(matmul(W, x) * tape.constant(wm));
+    tape.backward(loss);
+    CHECK(tape.counters().gemms == 3);
+    CHECK(close_rel(W.grad(), wm * xm.transpose(), 1e-14));
+    W.set_frozen(true);
+    CHECK_THROWS_AS(W.grad(), tape_error);
+  }
+}
+
+// ------------------------------------------------------------------ float
+
+namespace {
+
+/// One program that uses every op, for a float and a double tape.
+template <class T>
+Var<T> every_op(Tape<T>& tape, const std::vector<Var<T>>& v, const std::vector<int>& labels) {
+  const Var<T>& x = v[0];  // 4x3
+  const Var<T>& w = v[1];  // 4x4
+  const Var<T>& g = v[2];  // 4x1
+  Var<T> e = relu(x + g) * sigmoid(x) - tanh(x) / (square(x) + 1.0) + gelu(x) * silu(x) - 2.0 * exp(-x) + -x;
+  Var<T> p = log(square(x) + 1.0) + sqrt(square(x) + 1.0) + pow(square(x) + 1.0, 1.5);
+  Var<T> y = matmul(w, e) + matmul(transpose(w), p) + matmul(w, transpose(Var<T>(transpose(x))));
+  Var<T> ln = layer_norm(y, g, g * 0.5);
+  Var<T> rn = rms_norm(ln, g);
+  Var<T> cat = concat_rows({slice_rows(rn, 0, 2), slice_rows(softmax(rn), 2, 2)});
+  Var<T> z0 = dropout(cat, 0.25) + log_softmax(cat);
+  Var<T> z = concat_cols({slice_cols(z0, 1, 2), slice_cols(z0, 0, 1)});
+  Var<T> t = transpose(z);
+  return sum(t) * 0.1 + mean(z) + mse(z, tape.constant(Eigen::Matrix<T, -1, -1>::Zero(4, 3))) + cross_entropy(z, labels);
+}
+
+}  // namespace
+
+TEST_CASE("float: every op runs on a float tape and agrees with double") {
+  const Mat x = random_matrix(4, 3, 1), w = random_matrix(4, 4, 2), g = random_matrix(4, 1, 3, 0.5, 1.5);
+  const std::vector<int> labels = {0, 3, 1};
+  Tape<double> td;
+  const std::vector<Var<double>> vd = {td.variable(x), td.variable(w), td.variable(g)};
+  Var<double> ld = every_op(td, vd, labels);
+  td.backward(ld);
+  Tape<float> tf;
+  const std::vector<Var<float>> vf = {tf.variable(x), tf.variable(w), tf.variable(g)};
+  Var<float> lf = every_op(tf, vf, labels);
+  tf.backward(lf);
+  CHECK(std::isfinite(ld.item()));
+  CHECK(std::abs(static_cast<double>(lf.item()) - ld.item()) <= 1e-4 * std::max(1.0, std::abs(ld.item())));
+  for (std::size_t k = 0; k < vd.size(); ++k) {
+    CAPTURE(k);
+    const Mat gd = td.grad(vd[k]);
+    CHECK(gd.norm() > 0);
+    CHECK(close_rel(tf.grad(vf[k]).cast<double>(), gd, 1e-3));
+  }
+  // The whole program in double against finite differences too.
+  expect_grad([labels](Tape<double>& t, Vs v) -> V { return every_op(t, std::vector<V>(v.begin(), v.end()), labels); }, {x, w, g});
 }

@@ -3,6 +3,7 @@
 #include <ckpt/ckpt.hpp>
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -23,6 +24,68 @@ inline Mat random_matrix(int rows, int cols, std::uint64_t seed, double lo = -1.
   for (int j = 0; j < cols; ++j)
     for (int i = 0; i < rows; ++i) m(i, j) = d(gen);
   return m;
+}
+
+/// Entries with magnitude in [lo, hi) and random signs: keeps kinks (relu) and poles (1/x)
+/// further than a finite-difference step away.
+inline Mat random_away_from_zero(int rows, int cols, std::uint64_t seed, double lo = 0.2, double hi = 1.0) {
+  std::mt19937_64 gen(seed);
+  std::uniform_real_distribution<double> d(lo, hi);
+  std::bernoulli_distribution sign(0.5);
+  Mat m(rows, cols);
+  for (int j = 0; j < cols; ++j)
+    for (int i = 0; i < rows; ++i) m(i, j) = sign(gen) ? d(gen) : -d(gen);
+  return m;
+}
+
+/// The shapes every op is checked on: a random one (both sides in [2, 5]), batch 1 (cols = 1),
+/// width 1 (rows = 1) and 1x1.
+inline std::vector<shape> test_shapes(std::uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  std::uniform_int_distribution<int> d(2, 5);
+  const int r = d(gen), c = d(gen);
+  return {{r, c}, {r, 1}, {1, c}, {1, 1}};
+}
+
+/// Central finite differences of a scalar function of several matrices, in double.
+using scalar_function = std::function<double(const std::vector<Mat>&)>;
+inline std::vector<Mat> numeric_grad(const scalar_function& f, const std::vector<Mat>& inputs, double h = 1e-6) {
+  std::vector<Mat> grads;
+  for (std::size_t k = 0; k < inputs.size(); ++k) {
+    Mat g(inputs[k].rows(), inputs[k].cols());
+    for (int j = 0; j < inputs[k].cols(); ++j) {
+      for (int i = 0; i < inputs[k].rows(); ++i) {
+        std::vector<Mat> plus = inputs, minus = inputs;
+        plus[k](i, j) += h;
+        minus[k](i, j) -= h;
+        g(i, j) = (f(plus) - f(minus)) / (2 * h);
+      }
+    }
+    grads.push_back(std::move(g));
+  }
+  return grads;
+}
+
+/// Elementwise |analytic - numeric| <= tol * max(1, |analytic|, |numeric|).
+inline void expect_close(const Mat& analytic, const Mat& numeric, double tol, const std::string& what) {
+  REQUIRE(analytic.rows() == numeric.rows());
+  REQUIRE(analytic.cols() == numeric.cols());
+  for (int j = 0; j < analytic.cols(); ++j) {
+    for (int i = 0; i < analytic.rows(); ++i) {
+      const double a = analytic(i, j), n = numeric(i, j);
+      const double scale = std::max({1.0, std::abs(a), std::abs(n)});
+      INFO(what, " element (", i, ", ", j, "): got ", a, ", expected ", n);
+      CHECK(std::abs(a - n) <= tol * scale);
+    }
+  }
+}
+
+/// Matrix-wise relative error: max |a - b| <= rel * max |b| (absolute when b is all zeros).
+inline bool close_rel(const Mat& a, const Mat& b, double rel) {
+  if (a.rows() != b.rows() || a.cols() != b.cols()) return false;
+  if (a.size() == 0) return true;
+  const double scale = std::max(b.cwiseAbs().maxCoeff(), 1e-300);
+  return (a - b).cwiseAbs().maxCoeff() <= rel * scale;
 }
 
 /// f builds an output from its inputs (recorded as tape variables); any output shape works:
@@ -50,20 +113,25 @@ inline void expect_grad(const program& f, const std::vector<Mat>& inputs, double
   };
   std::vector<Mat> analytic;
   run(inputs, &analytic);
-  for (std::size_t k = 0; k < inputs.size(); ++k) {
-    for (int j = 0; j < inputs[k].cols(); ++j) {
-      for (int i = 0; i < inputs[k].rows(); ++i) {
-        std::vector<Mat> plus = inputs, minus = inputs;
-        plus[k](i, j) += h;
-        minus[k](i, j) -= h;
-        const double numeric = (run(plus, nullptr) - run(minus, nullptr)) / (2 * h);
-        const double a = analytic[k](i, j);
-        const double scale = std::max({1.0, std::abs(a), std::abs(numeric)});
-        INFO("input ", k, " element (", i, ", ", j, "): analytic ", a, " numeric ", numeric);
-        CHECK(std::abs(a - numeric) <= tol * scale);
-      }
-    }
-  }
+  const std::vector<Mat> numeric = numeric_grad([&](const std::vector<Mat>& xs) { return run(xs, nullptr); }, inputs, h);
+  for (std::size_t k = 0; k < inputs.size(); ++k) expect_close(analytic[k], numeric[k], tol, "gradient of input " + std::to_string(k));
+}
+
+/// Checks the forward value of f on inputs (recorded as tape variables) against a reference.
+inline void expect_value(const program& f, const std::vector<Mat>& inputs, const Mat& expected, double tol = 1e-12) {
+  Tape<double> tape;
+  std::vector<Var<double>> vars;
+  for (const auto& x : inputs) vars.push_back(tape.variable(x));
+  const Var<double> out = f(tape, vars);
+  REQUIRE(out.rows() == expected.rows());
+  REQUIRE(out.cols() == expected.cols());
+  expect_close(out.value(), expected, tol, "value");
+}
+
+/// Both checks: the forward against a reference, the reverse against finite differences.
+inline void expect_op(const program& f, const std::vector<Mat>& inputs, const Mat& expected, double tol = 1e-6) {
+  expect_value(f, inputs, expected);
+  expect_grad(f, inputs, tol);
 }
 
 /// Bitwise equality of two matrices (memcmp: also the signs of zeros and NaN payloads).

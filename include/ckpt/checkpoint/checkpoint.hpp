@@ -76,7 +76,11 @@ struct result_traits<std::tuple<Var<T, B>, Rest...>> {
     std::apply([&](const auto&... v) { (out.push_back(v), ...); }, r);
   }
   static R rebuild(const std::vector<Var<T, B>>& v, std::size_t& i) {
-    return std::apply([&](const auto&... x) { return R{(static_cast<void>(x), v[i++])...}; }, R{});
+    // Indices from a pack, not `v[i++]...`: GCC's -Wsequence-point rejects the latter under
+    // -Werror (falsely: a braced list is sequenced), and any tuple-returning segment with it.
+    const std::size_t first = i;
+    i += std::tuple_size_v<R>;
+    return [&]<std::size_t... K>(std::index_sequence<K...>) { return R{v[first + K]...}; }(std::make_index_sequence<std::tuple_size_v<R>>{});
   }
 };
 template <class T, class B>
@@ -252,10 +256,13 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
     const Seg& seg = segment;
     result_type result = detail::invoke_segment(seg, inputs, std::make_index_sequence<N>{});
     traits::collect(result, outs);
+    // Validate every output before any value is taken: a throw after take() would leak the
+    // taken buffers (their nodes no longer own them when the inside is rolled back).
+    for (const auto& o : outs) t.check(o, "checkpoint (segment output)");
 
     const std::uint32_t end = static_cast<std::uint32_t>(t.node_count());
     signature.reserve(end - p.nodes);
-    for (std::uint32_t i = p.nodes; i < end; ++i) signature.push_back({t.node(i).op, t.node(i).dims});
+    for (std::uint32_t i = p.nodes; i < end; ++i) signature.push_back({t.node(i).op, t.node(i).dims, t.node(i).form});
 
     auto take = [&](std::uint32_t i, bool selected) {
       for (const auto& tv : taken)
@@ -270,7 +277,6 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
       if (n.value && n.has(detail::replayable) && !n.has(detail::released) && detail::saves<Save>(n)) take(i, true);
     }
     for (const auto& o : outs) {
-      t.check(o, "checkpoint (segment output)");
       if (o.index() < p.nodes) {
         out_offset.push_back(detail::no_node);
       } else {

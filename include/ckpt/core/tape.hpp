@@ -69,6 +69,7 @@ struct position {
   std::uint32_t nodes = 0;
   std::uint32_t entries = 0;
   arena::mark meta;
+  std::uint32_t owned = 0;  // objects kept by keep_object() so far
 };
 
 /// Work counters since the last reset(): what the figures of checkpointing are made of.
@@ -107,15 +108,23 @@ struct node {
   std::uint32_t epoch = 0;
   const char* tag = nullptr;  // a name given with ckpt::tag(); selective policies save by it
   const char* op = "";
+  const void* form = nullptr;  // which fused expression an elementwise node is (see form_tag)
   op_kind kind = op_kind::leaf;
   std::uint8_t flags = 0;
   bool has(node_flag f) const { return (flags & f) != 0; }
 };
 
+/// One object per expression type: its address tells apart fused expressions with the same
+/// root op (`tanh(x) + x` and `sigmoid(x) + x` are both 'add'), so that a re-trace that
+/// branches inside one is caught instead of giving a silently wrong gradient.
+template <class E>
+inline constexpr char form_tag = 0;
+
 /// One node of a recording's signature: what a checkpoint's re-trace must record again.
 struct signature_item {
   const char* op;
   shape dims;
+  const void* form = nullptr;
 };
 
 /// What a checkpoint entry tells the tape report about its segment.
@@ -259,8 +268,15 @@ class Tape {
     nodes_[loss.index()].flags |= detail::retained;
     if (!n.has(detail::requires_grad)) return;
     T* g = adjoint_of(loss.index());
-    const T one(1);
-    B::copy(g, &one, 1);
+    // d loss / d loss = 1, added: a parameter used directly as the loss accumulates into its
+    // gradient like any other use.
+    T seed(1);
+    if (!nodes_[loss.index()].has(detail::owns_adjoint)) {
+      T current;
+      B::copy(&current, g, 1);
+      seed += current;
+    }
+    B::copy(g, &seed, 1);
     sweep(0);
   }
 
@@ -286,13 +302,14 @@ class Tape {
   // ---------------------------------------------------------------- positions
 
   ckpt::position position() const {
-    return {static_cast<std::uint32_t>(nodes_.size()), static_cast<std::uint32_t>(entries_.size()), meta_.position()};
+    return {static_cast<std::uint32_t>(nodes_.size()), static_cast<std::uint32_t>(entries_.size()), meta_.position(),
+            static_cast<std::uint32_t>(owned_.size())};
   }
 
   /// Drops everything recorded after `p`; Vars made after it become invalid.
   void reset_to(const ckpt::position& p) noexcept {
     for (std::size_t i = nodes_.size(); i-- > p.nodes;) release_node(nodes_[i]);
-    while (!owned_.empty() && owned_.back().first >= p.entries) owned_.pop_back();
+    while (owned_.size() > p.owned) owned_.pop_back();
     nodes_.resize(p.nodes);
     entries_.resize(p.entries);
     meta_.reset_to(p.meta);
@@ -379,12 +396,14 @@ class Tape {
   }
 
   /// Creates a node with a fresh value buffer (or a saved one when a re-trace replays it).
-  std::uint32_t new_node(shape s, const char* op, op_kind kind, std::uint8_t flags, bool allocate = true) {
-    if (retrace_) check_retrace(s, op);
+  std::uint32_t new_node(shape s, const char* op, op_kind kind, std::uint8_t flags, bool allocate = true,
+                         const void* form = nullptr) {
+    if (retrace_) check_retrace(s, op, form);
     node_type n;
     n.dims = s;
     n.epoch = epoch_;
     n.op = op;
+    n.form = form;
     n.kind = kind;
     n.flags = flags;
     if (retrace_depth_) ++counters_.nodes_retraced;
@@ -398,10 +417,13 @@ class Tape {
     return static_cast<std::uint32_t>(nodes_.size() - 1);
   }
   /// A node an op computes: transient (released by the sweep) and replayable unless said.
-  std::uint32_t new_output(shape s, const char* op, op_kind kind, bool requires_grad, bool replayable = true) {
+  /// `form` identifies a fused expression (&detail::form_tag<E>), null for other ops.
+  std::uint32_t new_output(shape s, const char* op, op_kind kind, bool requires_grad, bool replayable = true,
+                           const void* form = nullptr) {
     return new_node(s, op, kind,
                     static_cast<std::uint8_t>(detail::transient | (requires_grad ? detail::requires_grad : 0) |
-                                              (replayable ? detail::replayable : 0)));
+                                              (replayable ? detail::replayable : 0)),
+                    true, form);
   }
   /// True when the node's value came from a checkpoint's saved buffer: its op skips compute.
   bool is_replayed(std::uint32_t i) const {
@@ -429,13 +451,15 @@ class Tape {
     return meta_.make_array<V>(n);
   }
 
-  /// Keeps an object (a checkpointed segment's callable) alive until the entry about to be
-  /// pushed is rolled back. Trivial objects go to the arena; others get an owned holder.
   template <class V>
   const V* make(const V& v) {
     return meta_.make(v);
   }
 
+  /// Keeps an object (a checkpointed segment's callable, a chain's step) alive until the tape
+  /// is rolled back to a position taken before this call. Trivial objects go to the arena;
+  /// others get an owned holder. (Not keyed by the next entry's index: sequential() keeps its
+  /// step before the first checkpoint, whose forward rolls back to that same entry index.)
   template <class V>
   const V* keep_object(V v) {
     if constexpr (std::is_trivially_copyable_v<V> && std::is_trivially_destructible_v<V>) {
@@ -443,7 +467,7 @@ class Tape {
     } else {
       auto h = std::make_unique<owned_holder<V>>(std::move(v));
       const V* ptr = &h->value;
-      owned_.emplace_back(static_cast<std::uint32_t>(entries_.size()), std::move(h));
+      owned_.push_back(std::move(h));
       return ptr;
     }
   }
@@ -563,7 +587,7 @@ class Tape {
     throw numeric_error(detail::cat("backward: the loss is ", l));
   }
 
-  void check_retrace(shape s, const char* op) {
+  void check_retrace(shape s, const char* op, const void* form) {
     detail::retrace_state<T>& r = *retrace_;
     const std::uint32_t k = static_cast<std::uint32_t>(nodes_.size()) - r.base;
     if (k >= r.signature_size)
@@ -571,9 +595,12 @@ class Tape {
                                          r.signature_size, "); extra entry #", k, " is '", op, "' ", s,
                                          ". A segment must record the same ops on every call (does it branch on mutable state?)"));
     const auto& want = r.signature[k];
-    if (want.dims != s || std::string_view(want.op) != op)
+    if (want.dims != s || std::string_view(want.op) != op || want.form != form)
       throw checkpoint_error(detail::cat("checkpoint '", r.segment_name, "': the re-trace differs from the forward at entry #", k,
                                          ": forward recorded '", want.op, "' ", want.dims, ", re-trace recorded '", op, "' ", s,
+                                         want.form != form && want.dims == s && std::string_view(want.op) == op
+                                             ? " (another expression fused into it)"
+                                             : "",
                                          ". A segment must record the same ops on every call (does it branch on mutable state?)"));
   }
 
@@ -592,7 +619,7 @@ class Tape {
   std::vector<node_type> nodes_;
   std::vector<entry_type> entries_;
   std::vector<std::uint32_t> outer_uses_;
-  std::vector<std::pair<std::uint32_t, std::unique_ptr<owned_base>>> owned_;
+  std::vector<std::unique_ptr<owned_base>> owned_;
   std::uint32_t epoch_ = 1;
   std::uint32_t segment_base_ = 0;
   std::uint32_t adjoint_guard_ = 0;

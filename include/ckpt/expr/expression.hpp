@@ -9,6 +9,13 @@
 //   at(i) / at(r, c)  its value at a flat index (dense case) or at output coordinates
 //   back(i, g) / back(r, c, g)  adds g * d(node)/d(leaf) into every leaf's adjoint
 //   plus set_strides(out), dense(out), bind(tape), requires_grad(), validate(tape).
+//
+// The reverse loop is fast only when the compiler can vectorise it, which a run-time "does
+// this leaf have an adjoint?" test inside the loop prevents (a conditional store). So `back`
+// takes the set of leaves to write as a compile-time bit mask (`Mask`, leaves numbered left to
+// right from `Offset`): expr/record.hpp reads the mask once with adjoint_mask() and runs the
+// loop instantiated for it; `checked` (the default) keeps the run-time test. Every node also
+// states its number of leaves, `leaf_count`.
 #pragma once
 #include "ckpt/config.hpp"
 #include "ckpt/core/tape.hpp"
@@ -32,6 +39,14 @@ inline shape broadcast(shape a, shape b, const char* op) {
   };
   return {dim(a.rows, b.rows), dim(a.cols, b.cols)};
 }
+
+/// `back`'s default mask: test each leaf's adjoint at run time.
+inline constexpr unsigned checked = ~0u;
+
+/// Whether `Mask` selects any of the `Count` leaves numbered from `Offset`.
+template <unsigned Mask, int Offset, int Count>
+inline constexpr bool selects =
+    Mask == checked || (Count > 0 && ((Mask >> Offset) & ((Count >= 32 ? ~0u : (1u << Count) - 1u))) != 0);
 
 template <class TapeT>
 TapeT* common_tape(TapeT* a, TapeT* b, const char* op) {
@@ -65,13 +80,28 @@ struct leaf {
     if (tape) tape->check(Var<T, B>(tape, ref.node, epoch), op);
   }
   void bind(Tape<T, B>& t) { adj = t.adjoint_of(ref); }
+  static constexpr int leaf_count = 1;
+  template <int Offset>
+  unsigned adjoint_mask() const {
+    return adj ? 1u << Offset : 0u;
+  }
   CKPT_HOST_DEVICE T at(long i) const { return ref.value[i]; }
   CKPT_HOST_DEVICE T at(int r, int c) const { return ref.value[r * rs + c * cs]; }
+  template <unsigned Mask = checked, int Offset = 0>
   CKPT_HOST_DEVICE void back(long i, T g) const {
-    if (adj) adj[i] += g;
+    if constexpr (Mask == checked) {
+      if (adj) adj[i] += g;
+    } else if constexpr (selects<Mask, Offset, 1>) {
+      adj[i] += g;
+    }
   }
+  template <unsigned Mask = checked, int Offset = 0>
   CKPT_HOST_DEVICE void back(int r, int c, T g) const {
-    if (adj) adj[r * rs + c * cs] += g;
+    if constexpr (Mask == checked) {
+      if (adj) adj[r * rs + c * cs] += g;
+    } else if constexpr (selects<Mask, Offset, 1>) {
+      adj[r * rs + c * cs] += g;
+    }
   }
 };
 
@@ -91,9 +121,16 @@ struct scalar {
   void validate(const char*) const {}
   template <class TapeT>
   void bind(TapeT&) {}
+  static constexpr int leaf_count = 0;
+  template <int Offset>
+  unsigned adjoint_mask() const {
+    return 0u;
+  }
   CKPT_HOST_DEVICE T at(long) const { return v; }
   CKPT_HOST_DEVICE T at(int, int) const { return v; }
+  template <unsigned Mask = checked, int Offset = 0>
   CKPT_HOST_DEVICE void back(long, T) const {}
+  template <unsigned Mask = checked, int Offset = 0>
   CKPT_HOST_DEVICE void back(int, int, T) const {}
 };
 
@@ -134,15 +171,29 @@ struct unary {
   void validate(const char* op) const { e.validate(op); }
   template <class TapeT>
   void bind(TapeT& t) { e.bind(t); }
+  static constexpr int leaf_count = E::leaf_count;
+  template <int Offset>
+  unsigned adjoint_mask() const {
+    return e.template adjoint_mask<Offset>();
+  }
   CKPT_HOST_DEVICE T at(long i) const { return f(e.at(i)); }
   CKPT_HOST_DEVICE T at(int r, int c) const { return f(e.at(r, c)); }
-  CKPT_HOST_DEVICE void back(long i, T g) const {
-    const T x = e.at(i);
-    e.back(i, g * f.d(x, f(x)));
+  /// g * f'(x). A functor may supply the product itself (`back(x, y, g)`): relu selects g
+  /// rather than multiplying it by 0 or 1, a conditional multiply the compiler may not
+  /// vectorise (it could trap).
+  CKPT_HOST_DEVICE T chain(T x, T g) const {
+    if constexpr (requires { f.back(x, x, g); })
+      return f.back(x, f(x), g);
+    else
+      return g * f.d(x, f(x));
   }
+  template <unsigned Mask = checked, int Offset = 0>
+  CKPT_HOST_DEVICE void back(long i, T g) const {
+    if constexpr (selects<Mask, Offset, leaf_count>) e.template back<Mask, Offset>(i, chain(e.at(i), g));
+  }
+  template <unsigned Mask = checked, int Offset = 0>
   CKPT_HOST_DEVICE void back(int r, int c, T g) const {
-    const T x = e.at(r, c);
-    e.back(r, c, g * f.d(x, f(x)));
+    if constexpr (selects<Mask, Offset, leaf_count>) e.template back<Mask, Offset>(r, c, chain(e.at(r, c), g));
   }
 };
 
@@ -191,17 +242,30 @@ struct binary {
     l.bind(t);
     r.bind(t);
   }
+  static constexpr int leaf_count = L::leaf_count + R::leaf_count;
+  template <int Offset>
+  unsigned adjoint_mask() const {
+    return l.template adjoint_mask<Offset>() | r.template adjoint_mask<Offset + L::leaf_count>();
+  }
   CKPT_HOST_DEVICE T at(long i) const { return f(l.at(i), r.at(i)); }
   CKPT_HOST_DEVICE T at(int rr, int c) const { return f(l.at(rr, c), r.at(rr, c)); }
+  template <unsigned Mask = checked, int Offset = 0>
   CKPT_HOST_DEVICE void back(long i, T g) const {
-    const T a = l.at(i), b = r.at(i);
-    l.back(i, g * f.da(a, b));
-    r.back(i, g * f.db(a, b));
+    constexpr int right = Offset + L::leaf_count;
+    if constexpr (selects<Mask, Offset, leaf_count>) {
+      const T a = l.at(i), b = r.at(i);
+      if constexpr (selects<Mask, Offset, L::leaf_count>) l.template back<Mask, Offset>(i, g * f.da(a, b));
+      if constexpr (selects<Mask, right, R::leaf_count>) r.template back<Mask, right>(i, g * f.db(a, b));
+    }
   }
+  template <unsigned Mask = checked, int Offset = 0>
   CKPT_HOST_DEVICE void back(int rr, int c, T g) const {
-    const T a = l.at(rr, c), b = r.at(rr, c);
-    l.back(rr, c, g * f.da(a, b));
-    r.back(rr, c, g * f.db(a, b));
+    constexpr int right = Offset + L::leaf_count;
+    if constexpr (selects<Mask, Offset, leaf_count>) {
+      const T a = l.at(rr, c), b = r.at(rr, c);
+      if constexpr (selects<Mask, Offset, L::leaf_count>) l.template back<Mask, Offset>(rr, c, g * f.da(a, b));
+      if constexpr (selects<Mask, right, R::leaf_count>) r.template back<Mask, right>(rr, c, g * f.db(a, b));
+    }
   }
 };
 
@@ -235,14 +299,23 @@ struct dropout_node {
   void validate(const char* op) const { e.validate(op); }
   template <class TapeT>
   void bind(TapeT& t) { e.bind(t); }
+  static constexpr int leaf_count = E::leaf_count;
+  template <int Offset>
+  unsigned adjoint_mask() const {
+    return e.template adjoint_mask<Offset>();
+  }
   CKPT_HOST_DEVICE bool keep(long i) const { return rng::uniform(key, static_cast<std::uint64_t>(i)) >= p; }
   CKPT_HOST_DEVICE T at(long i) const { return keep(i) ? e.at(i) * scale : T(0); }
   CKPT_HOST_DEVICE T at(int r, int c) const { return keep(r * rs + c * cs) ? e.at(r, c) * scale : T(0); }
+  template <unsigned Mask = checked, int Offset = 0>
   CKPT_HOST_DEVICE void back(long i, T g) const {
-    if (keep(i)) e.back(i, g * scale);
+    if constexpr (selects<Mask, Offset, leaf_count>)
+      if (keep(i)) e.template back<Mask, Offset>(i, g * scale);
   }
+  template <unsigned Mask = checked, int Offset = 0>
   CKPT_HOST_DEVICE void back(int r, int c, T g) const {
-    if (keep(r * rs + c * cs)) e.back(r, c, g * scale);
+    if constexpr (selects<Mask, Offset, leaf_count>)
+      if (keep(r * rs + c * cs)) e.template back<Mask, Offset>(r, c, g * scale);
   }
 };
 

@@ -28,6 +28,8 @@ struct relu {
   static constexpr const char* name = "relu";
   template <class T> CKPT_HOST_DEVICE T operator()(T x) const { return x > T(0) ? x : T(0); }
   template <class T> CKPT_HOST_DEVICE T d(T x, T) const { return x > T(0) ? T(1) : T(0); }
+  // g * d(x) as a select (see unary::chain): no multiply by 0, so the reverse vectorises.
+  template <class T> CKPT_HOST_DEVICE T back(T x, T, T g) const { return x > T(0) ? g : T(0); }
 };
 struct sigmoid {
   static constexpr const char* name = "sigmoid";

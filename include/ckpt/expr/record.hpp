@@ -5,6 +5,8 @@
 #include "ckpt/core/tape.hpp"
 #include "ckpt/expr/expression.hpp"
 
+#include <utility>
+
 namespace ckpt::expr {
 
 /// Writes e into out (rows x cols, column-major): one pass, no temporaries.
@@ -19,16 +21,50 @@ void evaluate(const E& e, T* out, shape s, bool dense) {
   }
 }
 
+namespace reverse {
+
+/// The reverse loop for one set of leaves with adjoints (Mask), or `checked`.
+template <unsigned Mask, class E, class G>
+void back_loop(const E& e, const G& g, shape s, bool dense) {
+  if (dense) {
+    const long n = s.size();
+    for (long i = 0; i < n; ++i) e.template back<Mask, 0>(i, g(i));
+  } else {
+    for (int c = 0; c < s.cols; ++c)
+      for (int r = 0; r < s.rows; ++r) e.template back<Mask, 0>(r, c, g(r + static_cast<long>(c) * s.rows));
+  }
+}
+
+template <class E, class G, unsigned... Masks>
+void back_dispatch(unsigned mask, const E& e, const G& g, shape s, bool dense,
+                   std::integer_sequence<unsigned, Masks...>) {
+  (void)((mask == Masks ? (back_loop<Masks>(e, g, s, dense), true) : false) || ...);
+}
+
+/// Trees with more leaves than this keep the run-time test per leaf (2^leaves loop versions
+/// would cost more compile time than they save).
+inline constexpr int max_dispatched_leaves = 4;
+
+}  // namespace reverse
+
+/// Adds g(i) * d(e)/d(leaf) into the adjoints of e's leaves (e bound to a tape); g(i) is the
+/// output's gradient at flat index i. Which leaves have an adjoint is read once, and the loop
+/// compiled for exactly those runs, free of per-element tests, so that it vectorises.
+template <class E, class G>
+void backpropagate_with(const E& e, const G& g, shape s, bool dense) {
+  constexpr int leaves = E::leaf_count;
+  if constexpr (leaves <= reverse::max_dispatched_leaves) {
+    reverse::back_dispatch(e.template adjoint_mask<0>(), e, g, s, dense,
+                           std::make_integer_sequence<unsigned, (1u << leaves)>{});
+  } else {
+    reverse::back_loop<checked>(e, g, s, dense);
+  }
+}
+
 /// Adds g * d(e)/d(leaf) into the leaves' adjoints.
 template <class E, class T>
 void backpropagate(const E& e, const T* g, shape s, bool dense) {
-  if (dense) {
-    const long n = s.size();
-    for (long i = 0; i < n; ++i) e.back(i, g[i]);
-  } else {
-    for (int c = 0; c < s.cols; ++c)
-      for (int r = 0; r < s.rows; ++r) e.back(r, c, g[r + static_cast<long>(c) * s.rows]);
-  }
+  backpropagate_with(e, [g](long i) { return g[i]; }, s, dense);
 }
 
 template <class E>
@@ -64,7 +100,7 @@ auto record(const E& expression) {
   if (!dense) e.set_strides(s);
   const bool grad = e.requires_grad();
   const std::uint32_t begin = static_cast<std::uint32_t>(t->node_count());
-  const std::uint32_t out = t->new_output(s, E::name, op_kind::elementwise, grad);
+  const std::uint32_t out = t->new_output(s, E::name, op_kind::elementwise, grad, true, &detail::form_tag<E>);
   if (!t->is_replayed(out)) evaluate(e, t->node(out).value, s, dense);
   if (grad) t->push_entry(elementwise_entry<E>{e, out, s, dense}, begin);
   return t->var_of(out);

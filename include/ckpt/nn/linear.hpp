@@ -58,11 +58,13 @@ class Linear {
   /// (Without a bias, b is a frozen zero vector, so the type stays one expression.)
   template <class X>
   auto operator()(X&& x) {
+    check_input(x);
     return matmul(W_, std::forward<X>(x)) + b_;
   }
   /// W x without the bias.
   template <class X>
   Var<T, B> product(X&& x) {
+    check_input(x);
     return matmul(W_, std::forward<X>(x));
   }
 
@@ -82,6 +84,17 @@ class Linear {
   }
 
  private:
+  /// Names the layer and the shapes in the error (matmul's own message would name only the
+  /// product), before an expression operand is recorded.
+  template <class X>
+  void check_input(const X& x) const {
+    if constexpr (!is_transposed_v<std::remove_cvref_t<X>>) {
+      const shape s = ckpt::detail::shape_of(x, "linear");
+      if (s.rows != W_.cols())
+        throw shape_error(ckpt::detail::cat("linear: input ", s, " has ", s.rows, " features, W ", W_.dims(), " expects ", W_.cols()));
+    }
+  }
+
   Parameter<T, B> W_;
   Parameter<T, B> b_;
   bool has_bias_;

@@ -90,11 +90,12 @@ class LoRALinear {
     requires expr::Operand<X>
   Var<T, B> operator()(X&& input) {
     if (merged_) throw tape_error("LoRALinear: the adapter is merged into W (inference mode); unmerge() before training");
+    // Shapes first: an expression operand is recorded only once it is known to fit.
+    const shape xs = ckpt::detail::shape_of(input, "lora_linear");
+    if (xs.rows != W_.cols())
+      throw shape_error(ckpt::detail::cat("lora_linear: input ", xs, " has ", xs.rows, " features, W ", W_.dims(), " expects ", W_.cols()));
     auto x = ckpt::detail::resolve(input, "lora_linear");
     auto& t = ckpt::detail::tape_of(x, "lora_linear");
-    if (x.ref.dims.rows != W_.cols())
-      throw shape_error(ckpt::detail::cat("lora_linear: input ", x.ref.dims, " has ", x.ref.dims.rows, " features, W ", W_.dims(),
-                                          " expects ", W_.cols()));
     Var<T, B> xv = t.var_of(x.ref.node);
     // The adapter path: u = A dropout(x), kept by every enclosing checkpoint.
     Var<T, B> u = dropout_ > 0 ? matmul(A_, dropout(xv, dropout_)) : matmul(A_, xv);

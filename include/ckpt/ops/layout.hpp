@@ -190,13 +190,13 @@ auto slice_rows(X&& xin, int begin, int count) {
 /// Columns [begin, begin + count) of x (e.g. one sequence of a batch).
 template <expr::Operand X>
 auto slice_cols(X&& xin, int begin, int count) {
+  const shape s = detail::shape_of(xin, "slice_cols");
+  if (begin < 0 || count < 0 || begin + count > s.cols)
+    throw shape_error(detail::cat("slice_cols: columns [", begin, ", ", begin + count, ") are outside a ", s, " tensor"));
   auto x = detail::resolve(xin, "slice_cols");
   auto& t = detail::tape_of(x, "slice_cols");
   using T = typename std::remove_reference_t<decltype(t)>::value_type;
   using Bk = typename std::remove_reference_t<decltype(t)>::backend_type;
-  const shape s = x.ref.dims;
-  if (begin < 0 || count < 0 || begin + count > s.cols)
-    throw shape_error(detail::cat("slice_cols: columns [", begin, ", ", begin + count, ") are outside a ", s, " tensor"));
   const std::uint32_t first = static_cast<std::uint32_t>(t.node_count());
   const std::uint32_t out = t.new_output({s.rows, count}, "slice_cols", op_kind::layout, x.ref.requires_grad);
   if (!t.is_replayed(out)) Bk::copy(t.node(out).value, x.ref.value + static_cast<long>(begin) * s.rows, static_cast<long>(count) * s.rows);

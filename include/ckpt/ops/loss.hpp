@@ -43,15 +43,15 @@ struct cross_entropy_entry {
 /// in [0, classes) per column.
 template <expr::Operand X>
 auto cross_entropy(X&& logits, std::span<const int> labels) {
-  auto x = detail::resolve(logits, "cross_entropy");
-  auto& t = detail::tape_of(x, "cross_entropy");
-  using T = typename std::remove_reference_t<decltype(t)>::value_type;
-  const shape s = x.ref.dims;
+  const shape s = detail::shape_of(logits, "cross_entropy");
   if (static_cast<long>(labels.size()) != s.cols)
     throw shape_error(detail::cat("cross_entropy: ", labels.size(), " labels for logits ", s, " (one per column expected)"));
   for (std::size_t j = 0; j < labels.size(); ++j)
     if (labels[j] < 0 || labels[j] >= s.rows)
       throw shape_error(detail::cat("cross_entropy: label ", labels[j], " of column ", j, " is outside [0, ", s.rows, ") for logits ", s));
+  auto x = detail::resolve(logits, "cross_entropy");
+  auto& t = detail::tape_of(x, "cross_entropy");
+  using T = typename std::remove_reference_t<decltype(t)>::value_type;
   const std::uint32_t begin = static_cast<std::uint32_t>(t.node_count());
   const std::uint32_t out = t.new_output({1, 1}, "cross_entropy", op_kind::reduction, x.ref.requires_grad);
   if (!t.is_replayed(out)) {

@@ -62,18 +62,20 @@ template <class L, class R>
 auto matmul(L&& lhs, R&& rhs) {
   using UL = detail::unwrap_transposed<std::remove_cvref_t<L>>;
   using UR = detail::unwrap_transposed<std::remove_cvref_t<R>>;
+  constexpr bool ta = UL::flag, tb = UR::flag;
+  // Shapes first: an expression operand is recorded only once the product is known to fit.
+  const shape sa = detail::shape_of(UL::get(lhs), "matmul"), sb = detail::shape_of(UR::get(rhs), "matmul");
+  const int m = ta ? sa.cols : sa.rows;
+  const int k = ta ? sa.rows : sa.cols;
+  const int kb = tb ? sb.cols : sb.rows;
+  const int n = tb ? sb.rows : sb.cols;
+  if (k != kb)
+    throw shape_error(detail::cat("matmul: inner dimensions differ: ", ta ? "transpose(" : "(", sa, ") * ",
+                                  tb ? "transpose(" : "(", sb, ")"));
   auto a = detail::resolve(UL::get(lhs), "matmul");
   auto b = detail::resolve(UR::get(rhs), "matmul");
   auto& t = detail::tape_of(a, b, "matmul");
   using T = typename std::remove_reference_t<decltype(t)>::value_type;
-  constexpr bool ta = UL::flag, tb = UR::flag;
-  const int m = ta ? a.ref.dims.cols : a.ref.dims.rows;
-  const int k = ta ? a.ref.dims.rows : a.ref.dims.cols;
-  const int kb = tb ? b.ref.dims.cols : b.ref.dims.rows;
-  const int n = tb ? b.ref.dims.rows : b.ref.dims.cols;
-  if (k != kb)
-    throw shape_error(detail::cat("matmul: inner dimensions differ: ", ta ? "transpose(" : "(", a.ref.dims, ") * ",
-                                  tb ? "transpose(" : "(", b.ref.dims, ")"));
   const bool grad = a.ref.requires_grad || b.ref.requires_grad;
   const std::uint32_t begin = static_cast<std::uint32_t>(t.node_count());
   const std::uint32_t out = t.new_output({m, n}, "matmul", op_kind::matmul, grad);

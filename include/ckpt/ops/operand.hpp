@@ -29,6 +29,24 @@ auto resolve(const E& e, const char* op) {
   return resolve(expr::record(e), op);
 }
 
+/// The shape an operand will have once resolved, found without recording anything: ops check
+/// shapes with it at the public edge, before an expression operand is recorded.
+template <class T, class B>
+shape shape_of(const Var<T, B>& v, const char* op) {
+  if (v.tape() == nullptr) throw tape_error(cat(op, ": the Var is empty (default-constructed)"));
+  v.tape()->check(v, op);
+  return v.tape()->node(v.index()).dims;
+}
+template <class T, class B>
+shape shape_of(const Parameter<T, B>& p, const char*) {
+  return p.dims();
+}
+template <expr::Expression E>
+shape shape_of(const E& e, const char* op) {
+  e.validate(op);
+  return e.dims();
+}
+
 /// The tape two operands share; throws if they come from two tapes or neither has one.
 template <class T, class B>
 Tape<T, B>& tape_of(const resolved<T, B>& a, const resolved<T, B>& b, const char* op) {

@@ -25,12 +25,7 @@ struct reduce_entry {
     E bound = e;
     bound.bind(t);
     const T gs = g[0] * scale;
-    if (dense) {
-      for (long i = 0, n = dims.size(); i < n; ++i) bound.back(i, gs);
-    } else {
-      for (int c = 0; c < dims.cols; ++c)
-        for (int r = 0; r < dims.rows; ++r) bound.back(r, c, gs);
-    }
+    expr::backpropagate_with(bound, [gs](long) { return gs; }, dims, dense);
   }
 };
 
@@ -47,7 +42,7 @@ auto record_reduce(const E& expression, const char* op, bool average) {
   const T scale = average ? (s.size() > 0 ? T(1) / static_cast<T>(s.size()) : T(0)) : T(1);
   const bool grad = e.requires_grad();
   const std::uint32_t begin = static_cast<std::uint32_t>(t->node_count());
-  const std::uint32_t out = t->new_output({1, 1}, op, op_kind::reduction, grad);
+  const std::uint32_t out = t->new_output({1, 1}, op, op_kind::reduction, grad, true, &form_tag<E>);
   if (!t->is_replayed(out)) {
     T acc(0);
     if (dense) {

@@ -105,15 +105,18 @@ struct norm_entry {
   }
 };
 
+inline void check_norm(const char* op, shape s, shape gain, const shape* bias) {
+  if (gain != shape{s.rows, 1}) throw shape_error(cat(op, ": gain must be ", shape{s.rows, 1}, " for input ", s, ", got ", gain));
+  if (bias && *bias != shape{s.rows, 1})
+    throw shape_error(cat(op, ": bias must be ", shape{s.rows, 1}, " for input ", s, ", got ", *bias));
+}
+
 template <class T, class B>
 Var<T, B> norm_impl(const resolved<T, B>& x, const resolved<T, B>& gain, const resolved<T, B>* bias, T eps, bool centred) {
   const char* op = centred ? "layer_norm" : "rms_norm";
   Tape<T, B>& t = tape_of(x, op);
   const shape s = x.ref.dims;
-  if (gain.ref.dims != shape{s.rows, 1})
-    throw shape_error(cat(op, ": gain must be ", shape{s.rows, 1}, " for input ", s, ", got ", gain.ref.dims));
-  if (bias && bias->ref.dims != shape{s.rows, 1})
-    throw shape_error(cat(op, ": bias must be ", shape{s.rows, 1}, " for input ", s, ", got ", bias->ref.dims));
+  check_norm(op, s, gain.ref.dims, bias ? &bias->ref.dims : nullptr);
   (void)expr::common_tape(x.tape, gain.tape, op);
   if (bias) (void)expr::common_tape(x.tape, bias->tape, op);
   const bool grad = x.ref.requires_grad || gain.ref.requires_grad || (bias && bias->ref.requires_grad);
@@ -160,6 +163,9 @@ auto log_softmax(X&& x) {
 /// Layer norm over the features of each column, with gain and bias (rows x 1 each).
 template <expr::Operand X, expr::Operand G, expr::Operand Bi>
 auto layer_norm(X&& x, G&& gain, Bi&& bias, double eps = 1e-5) {
+  // Shapes first: expression operands are recorded only once they are known to fit.
+  const shape sb = detail::shape_of(bias, "layer_norm");
+  detail::check_norm("layer_norm", detail::shape_of(x, "layer_norm"), detail::shape_of(gain, "layer_norm"), &sb);
   auto rx = detail::resolve(x, "layer_norm");
   auto rg = detail::resolve(gain, "layer_norm");
   auto rb = detail::resolve(bias, "layer_norm");
@@ -170,6 +176,7 @@ auto layer_norm(X&& x, G&& gain, Bi&& bias, double eps = 1e-5) {
 /// RMS norm over the features of each column, with gain (rows x 1).
 template <expr::Operand X, expr::Operand G>
 auto rms_norm(X&& x, G&& gain, double eps = 1e-6) {
+  detail::check_norm("rms_norm", detail::shape_of(x, "rms_norm"), detail::shape_of(gain, "rms_norm"), nullptr);
   auto rx = detail::resolve(x, "rms_norm");
   auto rg = detail::resolve(gain, "rms_norm");
   using T = typename decltype(rx.ref)::value_type;

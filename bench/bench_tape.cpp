@@ -1,0 +1,441 @@
+// bench_tape — the tape's overhead on a plain MLP: the AD step against a hand-written Eigen
+// forward + backward of the same model, both with the same GEMM (ckpt::backend::cpu::gemm).
+//
+//   mlp_hand/L/W/N   hand-written forward and backward, every activation stored
+//   mlp_ad/L/W/N     the same model on a ckpt::Tape: zero_grad, reset, forward, backward
+//
+// Model: L layers of width W on a batch of N columns; h_{l+1} = relu(W_l h_l + b_l) for every
+// layer but the last, which is linear; loss = mean((h_L - y)^2) against a fixed target y.
+// Before a size is timed, the hand-written gradients are checked against the AD ones.
+//
+// Counters: peak_bytes — for mlp_ad the tape's peak_bytes(); for mlp_hand the bytes of the
+// activations and activation-gradient buffers it holds. Neither counts parameters or their
+// gradients, which both sides hold outside the step.
+//
+// After the runs, a table of mlp_ad / mlp_hand ratios, of real and of CPU time, goes to stderr
+// (from the medians when --benchmark_repetitions > 1). CPU time is the steadier figure on a
+// shared machine: the products are single-threaded unless an OpenBLAS runs them. The context
+// lines say where products went ("gemm": blas or eigen); for OpenBLAS, pin one thread:
+//   OPENBLAS_NUM_THREADS=1 ./bench_tape --benchmark_repetitions=5
+//       --benchmark_enable_random_interleaving=true --benchmark_report_aggregates_only=true
+// `--paired[=N]` instead alternates the two variants step by step (see run_paired): the
+// steadier ratio on a machine that other jobs share.
+#include <ckpt/ckpt.hpp>
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <ctime>
+#include <map>
+#include <random>
+#include <set>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include <unistd.h>
+
+namespace {
+
+using Mat = Eigen::MatrixXf;
+using Vec = Eigen::VectorXf;
+using gemm_backend = ckpt::backend::cpu;
+
+struct mlp_size {
+  int layers, width, batch;
+  auto key() const { return std::tie(layers, width, batch); }
+  friend bool operator<(const mlp_size& a, const mlp_size& b) { return a.key() < b.key(); }
+  std::string args() const {
+    return std::to_string(layers) + "/" + std::to_string(width) + "/" + std::to_string(batch);
+  }
+};
+
+/// Weights, biases, input and target of one size, the same for both variants.
+struct mlp_data {
+  std::vector<Mat> w;
+  std::vector<Vec> b;
+  Mat x, y;
+};
+
+mlp_data generate(const mlp_size& s, unsigned seed) {
+  std::mt19937 gen(seed);
+  // He-uniform weights keep relu activations O(1) through deep stacks.
+  const float a = std::sqrt(6.0f / static_cast<float>(s.width));
+  std::uniform_real_distribution<float> weight(-a, a), bias(-0.1f, 0.1f), unit(-1.0f, 1.0f);
+  auto fill = [&gen](auto& m, auto& dist) {
+    for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = dist(gen);
+  };
+  mlp_data d;
+  for (int l = 0; l < s.layers; ++l) {
+    d.w.emplace_back(s.width, s.width);
+    d.b.emplace_back(s.width);
+    fill(d.w.back(), weight);
+    fill(d.b.back(), bias);
+  }
+  d.x.resize(s.width, s.batch);
+  d.y.resize(s.width, s.batch);
+  fill(d.x, unit);
+  fill(d.y, unit);
+  return d;
+}
+
+/// The data of one size, generated once (Google Benchmark calls a benchmark several times).
+const mlp_data& make_data(const mlp_size& s) {
+  static std::map<mlp_size, mlp_data> cache;
+  auto it = cache.find(s);
+  if (it == cache.end()) it = cache.emplace(s, generate(s, 42)).first;
+  return it->second;
+}
+
+// ------------------------------------------------------------------ hand-written
+
+/// Forward and backward written out with preallocated buffers: GEMMs through the same call
+/// the tape uses (ckpt::backend::cpu::gemm), bias + relu fused in place by Eigen, the relu mask
+/// read from the stored output (relu(z) > 0 exactly when z > 0).
+class hand_mlp {
+ public:
+  explicit hand_mlp(const mlp_data& d) : w_(d.w), b_(d.b), y_(d.y) {
+    const int layers = static_cast<int>(w_.size());
+    const auto width = d.x.rows(), batch = d.x.cols();
+    h_.push_back(d.x);
+    for (int l = 0; l < layers; ++l) {
+      h_.emplace_back(width, batch);
+      dw_.emplace_back(width, width);
+      db_.emplace_back(width);
+    }
+    g_ = Mat(width, batch);
+    g_next_ = Mat(width, batch);
+  }
+
+  float step() {
+    const int layers = static_cast<int>(w_.size());
+    const int m = static_cast<int>(y_.rows()), n = static_cast<int>(y_.cols());
+    for (int l = 0; l < layers; ++l) {
+      Mat& out = h_[l + 1];
+      gemm_backend::gemm(false, false, m, n, m, 1.0f, w_[l].data(), m, h_[l].data(), m, 0.0f, out.data(), m);
+      if (l + 1 < layers)
+        out = (out.colwise() + b_[l]).cwiseMax(0.0f);
+      else
+        out.colwise() += b_[l];
+    }
+    const float scale = 1.0f / static_cast<float>(y_.size());
+    g_.noalias() = (h_[layers] - y_) * (2.0f * scale);
+    const float loss = (h_[layers] - y_).squaredNorm() * scale;
+    for (int l = layers; l-- > 0;) {
+      if (l + 1 < layers) relu_mask(h_[l + 1], g_);
+      db_[l].noalias() = g_.rowwise().sum();
+      gemm_backend::gemm(false, true, m, m, n, 1.0f, g_.data(), m, h_[l].data(), m, 0.0f, dw_[l].data(), m);
+      if (l > 0) {
+        gemm_backend::gemm(true, false, m, n, m, 1.0f, w_[l].data(), m, g_.data(), m, 0.0f, g_next_.data(), m);
+        std::swap(g_, g_next_);
+      }
+    }
+    return loss;
+  }
+
+  /// g = h > 0 ? g : 0, written as a loop the compiler vectorises (Eigen's select() is a
+  /// scalar loop with a branch per element, mispredicted half of the time for relu masks).
+  static void relu_mask(const Mat& h, Mat& g) {
+    const float* hv = h.data();
+    float* gv = g.data();
+    for (Eigen::Index i = 0, n = g.size(); i < n; ++i) gv[i] = hv[i] > 0.0f ? gv[i] : 0.0f;
+  }
+
+  const Mat& dw(int l) const { return dw_[static_cast<std::size_t>(l)]; }
+  const Vec& db(int l) const { return db_[static_cast<std::size_t>(l)]; }
+
+  /// Activations h_1..h_L and the two activation-gradient buffers.
+  std::size_t held_bytes() const {
+    std::size_t bytes = 0;
+    for (std::size_t l = 1; l < h_.size(); ++l) bytes += static_cast<std::size_t>(h_[l].size()) * sizeof(float);
+    return bytes + static_cast<std::size_t>(g_.size() + g_next_.size()) * sizeof(float);
+  }
+
+ private:
+  std::vector<Mat> w_;
+  std::vector<Vec> b_;
+  Mat y_;
+  std::vector<Mat> h_;  // h_[0] is the input
+  std::vector<Mat> dw_;
+  std::vector<Vec> db_;
+  Mat g_, g_next_;
+};
+
+// ------------------------------------------------------------------ through the tape
+
+class ad_mlp {
+ public:
+  explicit ad_mlp(const mlp_data& d) : x_(d.x), y_(d.y) {
+    w_.reserve(d.w.size());
+    b_.reserve(d.b.size());
+    for (std::size_t l = 0; l < d.w.size(); ++l) {
+      w_.emplace_back(d.w[l]);
+      b_.emplace_back(d.b[l]);
+    }
+  }
+
+  float step() {
+    tape_.reset();
+    const std::size_t layers = w_.size();
+    ckpt::Var<float> h = tape_.constant(x_);
+    for (std::size_t l = 0; l < layers; ++l) {
+      ckpt::Var<float> z = ckpt::matmul(w_[l], h);
+      if (l + 1 < layers)
+        h = ckpt::relu(z + b_[l]);
+      else
+        h = z + b_[l];
+    }
+    ckpt::Var<float> loss = ckpt::mse(h, tape_.constant(y_));
+    tape_.backward(loss);
+    return loss.item();
+  }
+
+  void zero_grad() {
+    for (auto& p : w_) p.zero_grad();
+    for (auto& p : b_) p.zero_grad();
+  }
+  const ckpt::Parameter<float>& w(int l) const { return w_[static_cast<std::size_t>(l)]; }
+  const ckpt::Parameter<float>& b(int l) const { return b_[static_cast<std::size_t>(l)]; }
+  const ckpt::Tape<float>& tape() const { return tape_; }
+
+ private:
+  ckpt::Tape<float> tape_;
+  std::vector<ckpt::Parameter<float>> w_, b_;
+  Mat x_, y_;
+};
+
+// ------------------------------------------------------------------ the check before timing
+
+template <class A, class H>
+float relative_error(const A& ad, const H& hand) {
+  const float scale = std::max(hand.cwiseAbs().maxCoeff(), 1e-30f);
+  return (ad - hand).cwiseAbs().maxCoeff() / scale;
+}
+
+/// Aborts the whole run when the hand-written gradients and the AD gradients differ.
+void verify_once(const mlp_size& s) {
+  static std::set<mlp_size> verified;
+  if (!verified.insert(s).second) return;
+  constexpr float tolerance = 1e-4f;
+  const mlp_data& d = make_data(s);
+  hand_mlp hand(d);
+  ad_mlp ad(d);
+  ad.zero_grad();
+  const float loss_hand = hand.step();
+  const float loss_ad = ad.step();
+  auto fail = [&](const std::string& what, float err) {
+    std::fprintf(stderr,
+                 "bench_tape: gradient check FAILED for mlp/%s: %s differs between mlp_ad and mlp_hand by %.3g "
+                 "(relative, tolerance %.0e); the figures would compare different computations, so nothing is timed.\n",
+                 s.args().c_str(), what.c_str(), static_cast<double>(err), static_cast<double>(tolerance));
+    std::exit(EXIT_FAILURE);
+  };
+  if (!(std::abs(loss_ad - loss_hand) <= tolerance * std::abs(loss_hand))) fail("the loss", std::abs(loss_ad - loss_hand));
+  for (int l = 0; l < s.layers; ++l) {
+    const float ew = relative_error(ad.w(l).grad(), hand.dw(l));
+    if (!(ew <= tolerance)) fail("dW of layer " + std::to_string(l), ew);
+    const float eb = relative_error(ad.b(l).grad(), hand.db(l));
+    if (!(eb <= tolerance)) fail("db of layer " + std::to_string(l), eb);
+  }
+}
+
+// ------------------------------------------------------------------ benchmarks
+
+void set_counters(benchmark::State& state, const mlp_size& s, std::size_t peak_bytes) {
+  state.counters["peak_bytes"] = benchmark::Counter(static_cast<double>(peak_bytes));
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations()) * s.batch);
+}
+
+void bm_mlp_hand(benchmark::State& state, mlp_size s) {
+  verify_once(s);
+  hand_mlp model(make_data(s));
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(model.step());
+    benchmark::DoNotOptimize(model.dw(0).data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, s, model.held_bytes());
+}
+
+// A step zeroes the parameters' gradients first (they accumulate, as an optimizer's step
+// expects), the counterpart of the hand-written side overwriting its own: both end each
+// iteration with the gradients of that one step.
+void bm_mlp_ad(benchmark::State& state, mlp_size s) {
+  verify_once(s);
+  ad_mlp model(make_data(s));
+  for (auto _ : state) {
+    model.zero_grad();
+    benchmark::DoNotOptimize(model.step());
+    benchmark::DoNotOptimize(model.w(0).grad_data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, s, model.tape().peak_bytes());
+}
+
+const std::vector<mlp_size> sizes = {{16, 256, 64}, {32, 512, 128}, {64, 16, 4}, {16, 1024, 64}};
+
+double minimum(const std::vector<double>& v) { return v.empty() ? 0.0 : *std::min_element(v.begin(), v.end()); }
+
+void register_all() {
+  for (const mlp_size& s : sizes) {
+    // Explicit names: the args are part of the name, so Google Benchmark appends nothing.
+    // With repetitions, "min" joins mean/median/stddev: on a shared machine the fastest
+    // repetition is the one least disturbed.
+    benchmark::RegisterBenchmark(("mlp_hand/" + s.args()).c_str(), bm_mlp_hand, s)
+        ->Unit(benchmark::kMicrosecond)
+        ->ComputeStatistics("min", minimum);
+    benchmark::RegisterBenchmark(("mlp_ad/" + s.args()).c_str(), bm_mlp_ad, s)
+        ->Unit(benchmark::kMicrosecond)
+        ->ComputeStatistics("min", minimum);
+  }
+}
+
+// ------------------------------------------------------------------ ratio table
+
+/// The console reporter, plus a table of mlp_ad / mlp_hand ratios printed at the end.
+class ratio_reporter : public benchmark::ConsoleReporter {
+ public:
+  using benchmark::ConsoleReporter::ConsoleReporter;
+
+  void ReportRuns(const std::vector<Run>& runs) override {
+    for (const Run& r : runs) {
+      if (r.error_occurred) continue;
+      const std::string name = r.run_name.function_name;
+      const auto slash = name.find('/');
+      if (slash == std::string::npos) continue;
+      auto& slot = times_[name.substr(slash + 1)][name.substr(0, slash)];
+      if (r.run_type == Run::RT_Aggregate) {
+        if (r.aggregate_name == "median") {
+          slot.real = r.GetAdjustedRealTime();
+          slot.cpu = r.GetAdjustedCPUTime();
+          slot.median = true;
+        } else if (r.aggregate_name == "min") {
+          slot.min_cpu = r.GetAdjustedCPUTime();
+        }
+      } else if (!slot.median) {  // a single run, until there are aggregates
+        slot.real = r.GetAdjustedRealTime();
+        slot.cpu = r.GetAdjustedCPUTime();
+      }
+    }
+    ConsoleReporter::ReportRuns(runs);
+  }
+
+  void Finalize() override {
+    ConsoleReporter::Finalize();
+    bool header = false;
+    for (const auto& [args, variants] : times_) {
+      const auto ad = variants.find("mlp_ad"), hand = variants.find("mlp_hand");
+      if (ad == variants.end() || hand == variants.end() || hand->second.real <= 0 || hand->second.cpu <= 0) continue;
+      const times& h = hand->second;
+      const times& a = ad->second;
+      const bool medians = a.median && h.median;
+      if (!header) {
+        std::fprintf(stderr, "\n%s mlp_ad / mlp_hand, time per step in the benchmarks' unit\n",
+                     medians ? "medians of the repetitions:" : "single runs:");
+        std::fprintf(stderr, "%-16s %12s %12s %8s   %12s %12s %8s   %s\n", "layers/width/N", "hand real", "ad real",
+                     "ad/hand", "hand cpu", "ad cpu", "ad/hand", "ad/hand of the min cpu");
+        header = true;
+      }
+      std::fprintf(stderr, "%-16s %12.1f %12.1f %8.3f   %12.1f %12.1f %8.3f", args.c_str(), h.real, a.real,
+                   a.real / h.real, h.cpu, a.cpu, a.cpu / h.cpu);
+      if (h.min_cpu > 0 && a.min_cpu > 0) std::fprintf(stderr, "   %8.3f", a.min_cpu / h.min_cpu);
+      std::fprintf(stderr, "\n");
+    }
+  }
+
+ private:
+  struct times {
+    double real = 0, cpu = 0, min_cpu = 0;
+    bool median = false;
+  };
+  std::map<std::string, std::map<std::string, times>> times_;
+};
+
+// ------------------------------------------------------------------ paired mode
+
+double thread_cpu_seconds() {
+  timespec t{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
+}
+
+/// `--paired[=N]`: alternates one hand-written step and one AD step, N pairs per size (scaled
+/// down for the large ones), timing each by this thread's CPU time, and prints the medians.
+/// Both variants then see the same machine at the same moments, which a shared machine's drift
+/// (other builds, other benchmarks) does not grant consecutive Google Benchmark runs.
+int run_paired(int pairs) {
+  std::printf("paired steps, thread CPU time, medians (and minima) per step\n");
+  std::printf("%-16s %6s %12s %12s %8s %8s\n", "layers/width/N", "pairs", "hand us", "ad us", "ad/hand", "(min)");
+  for (const mlp_size& s : sizes) {
+    verify_once(s);
+    hand_mlp hand(make_data(s));
+    ad_mlp ad(make_data(s));
+    const double work = static_cast<double>(s.layers) * s.width * s.width * s.batch;
+    const int n = std::clamp(static_cast<int>(pairs * (16.0 * 256 * 256 * 64) / work), 5, pairs);
+    std::vector<double> th, ta;
+    for (int i = 0; i < 3; ++i) {
+      hand.step();
+      ad.zero_grad();
+      ad.step();
+    }
+    for (int i = 0; i < n; ++i) {
+      const double t0 = thread_cpu_seconds();
+      benchmark::DoNotOptimize(hand.step());
+      const double t1 = thread_cpu_seconds();
+      ad.zero_grad();
+      benchmark::DoNotOptimize(ad.step());
+      const double t2 = thread_cpu_seconds();
+      th.push_back(t1 - t0);
+      ta.push_back(t2 - t1);
+    }
+    auto median = [](std::vector<double> v) {
+      std::nth_element(v.begin(), v.begin() + static_cast<long>(v.size() / 2), v.end());
+      return v[v.size() / 2];
+    };
+    const double mh = median(th), ma = median(ta);
+    const double nh = *std::min_element(th.begin(), th.end()), na = *std::min_element(ta.begin(), ta.end());
+    std::printf("%-16s %6d %12.1f %12.1f %8.3f %8.3f\n", s.args().c_str(), n, mh * 1e6, ma * 1e6, ma / mh, na / nh);
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view a = argv[i];
+    if (a == "--paired") return run_paired(200);
+    if (a.starts_with("--paired=")) return run_paired(std::max(1, std::atoi(argv[i] + 9)));
+  }
+  // The ratio table rides on the console output; other formats (json, csv) stay untouched.
+  bool console = true;
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view a = argv[i];
+    if (a.starts_with("--benchmark_format=") && a != "--benchmark_format=console") console = false;
+  }
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  // Where the products go: BLAS, or Eigen when OpenBLAS runs an old-core kernel on this
+  // processor (see backend/cpu/cpu.hpp; CKPT_GEMM=blas|eigen overrides).
+  benchmark::AddCustomContext("gemm", gemm_backend::gemm_engine());
+#if defined(CKPT_USE_BLAS)
+  if (openblas_get_corename != nullptr) benchmark::AddCustomContext("openblas_core", openblas_get_corename());
+  const char* threads = std::getenv("OPENBLAS_NUM_THREADS");
+  benchmark::AddCustomContext("OPENBLAS_NUM_THREADS", threads ? threads : "(unset)");
+#endif
+  register_all();
+  if (console) {
+    ratio_reporter reporter(isatty(STDOUT_FILENO) ? benchmark::ConsoleReporter::OO_Color
+                                                  : benchmark::ConsoleReporter::OO_None);
+    benchmark::RunSpecifiedBenchmarks(&reporter);
+  } else {
+    benchmark::RunSpecifiedBenchmarks();
+  }
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,504 @@
+#!/usr/bin/python3
+"""Runs the ckpt / PyTorch comparison (see bench/peers/README.md); called by compare.sh.
+
+For every model configuration: `peer_ckpt export` writes the initial values and ckpt's loss and
+gradients per policy, `torch_peer.py check` compares them with PyTorch's (a mismatch stops the
+run), then the two sides are timed in separate processes, alternating ckpt / torch run by run,
+for each thread count. Writes results.json, results.md (the README table) and the PNG plots.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PY = "/usr/bin/python3"
+TORCH_PEER = os.path.join(HERE, "torch_peer.py")
+
+# torch's OpenBLAS (Debian 0.3.21) takes this Xeon (family 6 model 207) for a "Prescott" and
+# runs its SSE3 kernel; OPENBLAS_CORETYPE=SkylakeX selects its AVX-512 kernel. The main torch
+# figures use it; "torch-stock" is PyTorch as installed.
+TUNED = {"OPENBLAS_CORETYPE": "SkylakeX"}
+
+# ckpt policy -> the PyTorch mode that cuts the chain the same way (None: nothing in torch.utils.checkpoint)
+TORCH_OF = {"none": "none", "every4": "every4", "sqrt_n": "sqrt_n", "per_block": "per_block",
+            "binomial4": None, "selective_matmul": None}
+
+
+def load_avg():
+    with open("/proc/loadavg") as f:
+        return [float(x) for x in f.read().split()[:3]]
+
+
+def run_json(cmd, env_extra, timeout=300):
+    """Runs cmd with env_extra over the environment (a value None unsets the variable); returns
+    (rc, the last JSON line of stdout, stderr)."""
+    env = dict(os.environ)
+    for k, v in env_extra.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    # Through a shell that forks the command (it is not the shell's last one): a child's
+    # ru_maxrss starts at its parent's RSS at fork time (Linux copies the high-water mark with
+    # the address space, and exec keeps it), and this Python process is larger than what is
+    # measured; the shell is ~1 MB.
+    p = subprocess.Popen(["/bin/sh", "-c", '"$@"; exit $?', "sh"] + cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)  # the shell and the command it forked: their own session
+        p.communicate()
+        return 124, None, "timed out after %d s" % timeout
+    p = subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
+    lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+    if p.returncode != 0 or not lines:
+        return p.returncode, (lines and json.loads(lines[-1])) or None, p.stderr.strip()
+    return 0, json.loads(lines[-1]), p.stderr.strip()
+
+
+def name_of(c):
+    s = "%s_L%d_w%d_n%d" % (c["model"], c["depth"], c["width"], c["batch"])
+    return s + ("_r%d" % c["rank"] if c["model"] == "lora" else "")
+
+
+def plan(quick):
+    """(config, what to time). Policies are ckpt's; each is paired with its torch mode(s)."""
+    mlp_pol = ["none", "every4", "sqrt_n", "binomial4", "selective_matmul"]
+    lora_pol = ["none", "per_block", "every4", "sqrt_n", "binomial4"]
+    fixed = [
+        (dict(model="mlp", depth=64, width=256, batch=64), mlp_pol),     # bench_checkpoint's first size
+        (dict(model="mlp", depth=256, width=128, batch=32), mlp_pol),    # its second size
+        (dict(model="lora", depth=64, width=256, batch=64, rank=8), lora_pol),
+    ]
+    widths = [32, 64, 128, 256, 512] if quick else [32, 64, 128, 256, 512, 1024]
+    sweep = [(dict(model="mlp", depth=64, width=w, batch=64), ["none", "sqrt_n"]) for w in widths]
+    sweep += [(dict(model="lora", depth=64, width=w, batch=64, rank=8), ["none", "per_block"]) for w in widths if w >= 64]
+    if quick:
+        fixed = fixed[:1] + fixed[2:]
+    out, seen = [], {}
+    for c, pols in fixed + sweep:
+        c.setdefault("rank", 8)
+        n = name_of(c)
+        if n in seen:
+            seen[n]["policies"] = list(dict.fromkeys(seen[n]["policies"] + pols))
+            seen[n]["sweep"] = True
+            continue
+        e = {"config": c, "name": n, "policies": pols, "sweep": (c, pols) in sweep, "fixed": (c, pols) in fixed}
+        seen[n] = e
+        out.append(e)
+    return out
+
+
+def torch_modes_for(policy, depth):
+    base = TORCH_OF.get(policy)
+    if base is None:
+        return []
+    if base == "none":
+        return ["none"]
+    k = {"every4": 4, "per_block": 1}.get(base)
+    if k is None:  # sqrt_n
+        k = 1
+        while k * k < depth:
+            k += 1
+    return [base] + ([base + "_seq"] if depth % k == 0 else [])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--driver", required=True)
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--data", default="build-peers/peers-data")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating ckpt/torch rounds per run (1-thread)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--quick", action="store_true", help="fewer sizes (a smoke test)")
+    ap.add_argument("--only", default="", help="run only the configurations whose name contains this")
+    ap.add_argument("--plots-only", action="store_true", help="redraw from OUT/results.json")
+    ap.add_argument("--memory-only", action="store_true", help="redo the live-bytes runs into OUT/results.json")
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    if a.plots_only:
+        with open(os.path.join(a.out, "results.json")) as f:
+            res = json.load(f)
+        finish(res, a.out)
+        return
+
+    if a.memory_only:
+        with open(os.path.join(a.out, "results.json")) as f:
+            res = json.load(f)
+        res["memory_runs"] = []
+        for e in plan(a.quick):
+            if a.only and a.only not in e["name"]:
+                continue
+            c, n = e["config"], e["name"]
+            d = os.path.join(a.data, n)
+            shutil.rmtree(d, ignore_errors=True)
+            args = ["--model", c["model"], "--depth", str(c["depth"]), "--width", str(c["width"]), "--batch", str(c["batch"]), "--rank", str(c["rank"])]
+            rc, js, err = run_json([a.driver, "export", d] + args + ["--policies", "none"], {"OMP_NUM_THREADS": "1"})
+            if rc:
+                sys.exit("peer_ckpt export %s failed: %s" % (n, err))
+            env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", **TUNED}
+            jobs = []
+            for p in e["policies"]:
+                jobs.append(("ckpt", "ckpt", p, [a.driver, "time", d, "--policy", p, "--warmup", "0"], env))
+                for m in torch_modes_for(p, c["depth"]):
+                    jobs.append(("torch", "torch", m, [PY, TORCH_PEER, "time", d, "--mode", m, "--threads", "1", "--warmup", "0"], env))
+            memory_runs(res, n, jobs, print)
+            shutil.rmtree(d, ignore_errors=True)
+            save(res, a.out)
+        finish(res, a.out)
+        return
+
+    threads = [int(t) for t in a.threads.split(",")]
+    torch_version = subprocess.run([PY, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True).stdout.strip()
+    res = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": cpu_model(), "cores": os.cpu_count(), "kernel": platform.release(),
+        "torch": torch_version, "command": os.environ.get("PEERS_COMMAND", " ".join(sys.argv)).strip(),
+        "checkpoint_mode": "torch.utils.checkpoint.checkpoint(use_reentrant=False) per segment; checkpoint_sequential "
+                           "(torch 1.13: no use_reentrant argument, so reentrant) as *_seq",
+        "torch_env": TUNED, "warmup": a.warmup, "reps": a.reps, "rounds_1thread": a.rounds,
+        "checks": [], "empty": {}, "runs": [], "load_start": load_avg(),
+    }
+    log = lambda *x: print(*x, flush=True)
+    log("machine:", res["machine"], "| torch", res["torch"], "| load", res["load_start"])
+
+    # empty-process baselines, per side and thread count (median of 3)
+    for t in threads:
+        env = {"OMP_NUM_THREADS": str(t), "OPENBLAS_NUM_THREADS": str(t), **TUNED}
+        for side, cmd in (("ckpt", [a.driver, "empty"]), ("torch", [PY, TORCH_PEER, "empty"])):
+            vals = []
+            for _ in range(3):
+                rc, js, err = run_json(cmd, env)
+                if rc:
+                    sys.exit("empty %s failed: %s" % (side, err))
+                vals.append(js["maxrss_kb"])
+            res["empty"]["%s/%d" % (side, t)] = statistics.median(vals)
+    log("empty-process peak RSS (kB):", res["empty"])
+
+    for e in plan(a.quick):
+        if a.only and a.only not in e["name"]:
+            continue
+        c, n = e["config"], e["name"]
+        d = os.path.join(a.data, n)
+        shutil.rmtree(d, ignore_errors=True)
+        args = ["--model", c["model"], "--depth", str(c["depth"]), "--width", str(c["width"]), "--batch", str(c["batch"]), "--rank", str(c["rank"])]
+        modes = [m for p in e["policies"] for m in torch_modes_for(p, c["depth"])]
+        rc, js, err = run_json([a.driver, "export", d] + args + ["--policies", ",".join(e["policies"])], {"OMP_NUM_THREADS": "1"})
+        if rc:
+            sys.exit("peer_ckpt export %s failed: %s" % (n, err))
+        # the gradient cross-check, first: torch (tuned) must agree; stock torch where it is timed
+        stock_ok = None
+        for variant, env in (("torch", TUNED), ("torch-stock", {"OPENBLAS_CORETYPE": None})):
+            if variant == "torch-stock" and not (e["sweep"] and "none" in e["policies"]):
+                continue
+            rc, chk, err = run_json([PY, TORCH_PEER, "check", d, "--modes", ",".join(modes if variant == "torch" else ["none"])],
+                                    {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", **env})
+            chk = chk or {"check": "error", "stderr": err}
+            chk.update(config=n, variant=variant, biases_nudged=js.get("biases_nudged_off_kinks"))
+            res["checks"].append(chk)
+            log("check %-28s %-12s %s worst %s" % (n, variant, chk["check"], chk.get("worst") or chk.get("tensor")))
+            if variant == "torch" and chk["check"] != "ok":
+                save(res, a.out)
+                sys.exit("STOP: %s: ckpt and PyTorch disagree on %s (relative error %s > 1e-5)" % (n, chk.get("tensor"), chk.get("rel_err")))
+            if variant == "torch-stock":
+                stock_ok = chk["check"] == "ok"
+        big = c["width"] >= 1024 or (c["width"] >= 512 and c["model"] == "mlp" and c["depth"] > 64)
+        reps, warm = (10, 2) if big else (a.reps, a.warmup)
+        for t in threads:
+            env = {"OMP_NUM_THREADS": str(t), "OPENBLAS_NUM_THREADS": str(t), **TUNED}
+            rounds = a.rounds if t == 1 else 1
+            jobs = []  # (side, variant, policy/mode, cmd, env)
+            for p in e["policies"]:
+                jobs.append(("ckpt", "ckpt", p, [a.driver, "time", d, "--policy", p, "--warmup", str(warm), "--reps", str(reps)], env))
+                for m in torch_modes_for(p, c["depth"]):
+                    jobs.append(("torch", "torch", m, [PY, TORCH_PEER, "time", d, "--mode", m, "--threads", str(t),
+                                                       "--warmup", str(warm), "--reps", str(reps)], env))
+            if e["sweep"] and t == 1:
+                # context: ckpt with the same GEMM as tuned torch; torch as installed
+                jobs.append(("ckpt", "ckpt-blas", "none", [a.driver, "time", d, "--policy", "none", "--warmup", str(warm), "--reps", str(reps)],
+                             {**env, "CKPT_GEMM": "blas"}))
+                if stock_ok:
+                    stock_env = {**env, "OPENBLAS_CORETYPE": None}
+                    jobs.append(("torch", "torch-stock", "none", [PY, TORCH_PEER, "time", d, "--mode", "none", "--threads", str(t),
+                                                                  "--warmup", str(warm), "--reps", str(reps)], stock_env))
+            if t == 1:
+                memory_runs(res, n, jobs, log)
+            for r in range(rounds):
+                for side, variant, pol, cmd, jenv in (jobs if r % 2 == 0 else jobs[::-1]):
+                    load = load_avg()
+                    rc, js, err = run_json(cmd, jenv)
+                    if rc == 124:  # a run that takes this long is a result too (2 threads under load)
+                        res.setdefault("timeouts", []).append(dict(config=n, variant=variant, policy=pol, threads=t, load=load))
+                        log("%-28s t=%d r=%d %-11s %-17s TIMED OUT (%s), load %.2f" % (n, t, r, variant, pol, err, load[0]))
+                        continue
+                    if rc:
+                        sys.exit("%s %s %s failed: %s" % (variant, n, pol, err))
+                    js.update(config=n, variant=variant, policy=pol, threads=t, round=r, load=load)
+                    res["runs"].append(js)
+                    log("%-28s t=%d r=%d %-11s %-17s wall %9.3f ms  cpu %9.3f ms  rss+ %7d kB  load %.2f" % (
+                        n, t, r, variant, pol, js["median_ms"], js["cpu_median_ms"], js["maxrss_end_kb"] - js["rss_loaded_kb"], load[0]))
+        shutil.rmtree(d, ignore_errors=True)
+        save(res, a.out)
+    res["load_end"] = load_avg()
+    finish(res, a.out)
+
+
+MMAP_THRESHOLD = "4096"
+
+
+def memory_runs(res, n, jobs, log):
+    """Untimed one-step runs for the live-bytes figure: with glibc's mmap threshold fixed at one
+    page every tensor buffer is its own mapping, unmapped when freed, so peak RSS growth tracks
+    the live tensor bytes on both sides instead of glibc's heap high-water mark."""
+    for side, variant, pol, cmd, jenv in jobs:
+        if variant not in ("ckpt", "torch"):
+            continue
+        mcmd = cmd[:cmd.index("--warmup")] + ["--warmup", "0", "--reps", "1"]
+        rc, js, err = run_json(mcmd, {**jenv, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD})
+        if rc:
+            sys.exit("%s %s %s (memory run) failed: %s" % (variant, n, pol, err))
+        js.update(config=n, variant=variant, policy=pol, threads=1, load=load_avg(), malloc_mmap_threshold=MMAP_THRESHOLD)
+        res.setdefault("memory_runs", []).append(js)
+        log("%-28s t=1     %-11s %-17s live-bytes run: %7d kB" % (n, variant, pol, js["maxrss_first_kb"] - js["rss_loaded_kb"]))
+
+
+def cpu_model():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for l in out.splitlines():
+            if l.startswith("Model name:"):
+                return l.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def save(res, out):
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+# ------------------------------------------------------------------ summary
+
+
+def summarise(res):
+    """One row per (config, threads, variant, policy): pooled over rounds."""
+    groups = {}
+    for r in res["runs"]:
+        k = (r["config"], r["threads"], r["variant"], r["policy"])
+        groups.setdefault(k, []).append(r)
+    rows = []
+    for (cfg, t, variant, pol), rs in groups.items():
+        times = [x for r in rs for x in r["times_ms"]]
+        side = rs[0]["side"]
+        empty = res["empty"].get("%s/%d" % (side, t), 0)
+        rows.append({
+            "config": cfg, "model": rs[0]["model"], "depth": rs[0]["depth"], "width": rs[0]["width"], "batch": rs[0]["batch"],
+            "threads": t, "side": side, "variant": variant, "policy": pol,
+            "median_ms": statistics.median(times), "min_ms": min(times), "steps": len(times),
+            "cpu_median_ms": statistics.median([r["cpu_median_ms"] for r in rs]),
+            "act_rss_kb": max(r["maxrss_end_kb"] - r["rss_loaded_kb"] for r in rs),
+            "act_first_kb": max(r["maxrss_first_kb"] - r["rss_loaded_kb"] for r in rs),
+            "rss_over_empty_kb": max(r["maxrss_end_kb"] for r in rs) - empty,
+            "tape_peak_bytes": rs[0].get("tape_peak_bytes"),
+            "load": max(r["load"][0] for r in rs),
+            "threads_used": (rs[0].get("eigen_threads") if side == "ckpt" else "%s torch / %s BLAS" % (rs[0].get("torch_threads"), rs[0].get("openblas_threads"))),
+        })
+    for m in res.get("memory_runs", []):
+        r = find(rows, config=m["config"], threads=m["threads"], variant=m["variant"], policy=m["policy"])
+        if r:
+            r["live_kb"] = m["maxrss_first_kb"] - m["rss_loaded_kb"]
+    res["summary"] = rows
+    return rows
+
+
+def finish(res, out):
+    rows = summarise(res)
+    save(res, out)
+    write_table(res, rows, out)
+    plot(res, rows, out)
+
+
+def find(rows, **k):
+    for r in rows:
+        if all(r.get(a) == b for a, b in k.items()):
+            return r
+    return None
+
+
+def write_table(res, rows, out):
+    L = []
+    L.append("Measured %s on %s (%d cores), torch %s, command `%s`. Load average (1 min) at the start %.2f, at the end %s." % (
+        res["date"], res["machine"], res["cores"], res["torch"], res["command"], res["load_start"][0],
+        "%.2f" % res["load_end"][0] if "load_end" in res else "?"))
+    L.append("")
+    L.append("Step = forward + backward; median over %s steps (wall clock) after warm-up; `cpu` = median process CPU time per step; "
+             "speed-up = torch / ckpt on the wall median (on the CPU-time median); `act MB` = peak RSS growth during the steps (same method both sides), "
+             "`tape MB` = ckpt's `tape.peak_bytes()`; `load` = highest 1-min load average seen at the start of the runs." % (
+                 "%d-%d" % (min(r["steps"] for r in rows), max(r["steps"] for r in rows)) if rows else "?"))
+    L.append("")
+    L.append("| model | thr | policy | ckpt ms (cpu) | torch ms (cpu) | speed-up wall (cpu) | ckpt act MB first/all (tape MB) | torch act MB first/all | live MB ckpt / torch | RSS over empty MB ckpt / torch | load |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    cfgs = []
+    for r in rows:
+        if r["config"] not in cfgs:
+            cfgs.append(r["config"])
+    for cfg in cfgs:
+        for t in sorted({r["threads"] for r in rows if r["config"] == cfg}):
+            for r in [r for r in rows if r["config"] == cfg and r["threads"] == t and r["variant"] == "ckpt"]:
+                tm = TORCH_OF.get(r["policy"])
+                tr = find(rows, config=cfg, threads=t, variant="torch", policy=tm) if tm else None
+                trs = find(rows, config=cfg, threads=t, variant="torch", policy=(tm or "") + "_seq") if tm else None
+                tcol = "%.2f (%.2f)" % (tr["median_ms"], tr["cpu_median_ms"]) if tr else "n/a"
+                if trs:
+                    tcol += "; seq %.2f" % trs["median_ms"]
+                sp = "%.2fx (%.2fx)" % (tr["median_ms"] / r["median_ms"], tr["cpu_median_ms"] / r["cpu_median_ms"]) if tr else "-"
+                live = "%s / %s" % tuple("%.1f" % (x["live_kb"] / 1024) if x and "live_kb" in x else "-" for x in (r, tr))
+                L.append("| %s | %d | %s | %.2f (%.2f) | %s | %s | %.1f/%.1f (%.1f) | %s | %s | %.0f / %s | %.1f |" % (
+                    cfg, t, r["policy"], r["median_ms"], r["cpu_median_ms"], tcol, sp, r["act_first_kb"] / 1024, r["act_rss_kb"] / 1024,
+                    (r["tape_peak_bytes"] or 0) / 2**20, "%.1f/%.1f" % (tr["act_first_kb"] / 1024, tr["act_rss_kb"] / 1024) if tr else "-", live,
+                    r["rss_over_empty_kb"] / 1024, "%.0f" % (tr["rss_over_empty_kb"] / 1024) if tr else "-",
+                    max(r["load"], tr["load"] if tr else 0)))
+    extra = [r for r in rows if r["variant"] in ("ckpt-blas", "torch-stock")]
+    if extra:
+        L.append("")
+        L.append("Context, policy none, 1 thread: ckpt with CKPT_GEMM=blas (the same OpenBLAS SkylakeX kernel as torch) and torch as "
+                 "installed (OpenBLAS's Prescott kernel):")
+        L.append("")
+        L.append("| model | ckpt (Eigen) ms | ckpt-blas ms | torch (SkylakeX) ms | torch-stock ms |")
+        L.append("|---|---|---|---|---|")
+        for cfg in cfgs:
+            cb = find(rows, config=cfg, threads=1, variant="ckpt-blas")
+            if not cb:
+                continue
+            ce = find(rows, config=cfg, threads=1, variant="ckpt", policy="none")
+            tt = find(rows, config=cfg, threads=1, variant="torch", policy="none")
+            ts = find(rows, config=cfg, threads=1, variant="torch-stock")
+            f = lambda r: "%.2f" % r["median_ms"] if r else "-"
+            L.append("| %s | %s | %s | %s | %s |" % (cfg, f(ce), f(cb), f(tt), f(ts) if ts else "check failed" if any(
+                c["config"] == cfg and c["variant"] == "torch-stock" and c["check"] != "ok" for c in res["checks"]) else "-"))
+    L.append("")
+    bad = [c for c in res["checks"] if c["check"] != "ok"]
+    ok = [c for c in res["checks"] if c["check"] == "ok"]
+    L.append("Gradient cross-check: %d of %d passed (%d tensors compared in all; worst %.2g, %s)." % (
+        len(ok), len(res["checks"]), sum(c.get("tensors_compared", 0) for c in ok),
+        max((c["worst"]["rel"] for c in ok), default=0), max(ok, key=lambda c: c["worst"]["rel"])["worst"]["tensor"] if ok else "-"))
+    for c in bad:
+        L.append("- %s, %s: %s on %s, relative error %.3g" % (c["config"], c["variant"], c["check"], c.get("tensor"), c.get("rel_err", float("nan"))))
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(L) + "\n")
+    write_short_table(res, rows, cfgs, out)
+
+
+def write_short_table(res, rows, cfgs, out):
+    """The README's table: every policy with a PyTorch counterpart, wall-clock medians."""
+    L = ["| model (L layers, width, batch) | policy | 1 thread: ckpt / torch ms | speed-up (CPU time) | "
+         "2 threads: ckpt / torch ms | live act. MB ckpt / torch | peak RSS MB ckpt / torch | load |",
+         "|---|---|---|---|---|---|---|---|"]
+    for cfg in cfgs:
+        for r in [r for r in rows if r["config"] == cfg and r["threads"] == 1 and r["variant"] == "ckpt"]:
+            tm = TORCH_OF.get(r["policy"])
+            if not tm:
+                continue
+            tr = find(rows, config=cfg, threads=1, variant="torch", policy=tm)
+            c2 = find(rows, config=cfg, threads=2, variant="ckpt", policy=r["policy"])
+            t2 = find(rows, config=cfg, threads=2, variant="torch", policy=tm)
+            if not tr:
+                continue
+            live = lambda x: "%.1f" % (x["live_kb"] / 1024) if x and "live_kb" in x else "-"
+            L.append("| %s | %s | %.2f / %.2f | %.2fx (%.2fx) | %s | %s / %s | %.0f / %.0f | %.1f |" % (
+                cfg.replace("_n", " n").replace("_w", " w").replace("_L", " L").replace("_r", " r"), r["policy"],
+                r["median_ms"], tr["median_ms"], tr["median_ms"] / r["median_ms"], tr["cpu_median_ms"] / r["cpu_median_ms"],
+                "%.1f / %.1f" % (c2["median_ms"], t2["median_ms"]) if c2 and t2 else "-",
+                live(r), live(tr), r["rss_over_empty_kb"] / 1024, tr["rss_over_empty_kb"] / 1024, max(r["load"], tr["load"])))
+    with open(os.path.join(out, "results_short.md"), "w") as f:
+        f.write("\n".join(L) + "\n")
+
+
+def plot(res, rows, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ths = sorted({r["threads"] for r in rows})
+    fixed = [c for c in ("mlp_L64_w256_n64", "mlp_L256_w128_n32", "lora_L64_w256_n64_r8") if any(r["config"] == c for r in rows)]
+    if fixed:
+        fig, axes = plt.subplots(len(ths), len(fixed), figsize=(5.2 * len(fixed), 4.2 * len(ths)), squeeze=False)
+        for i, t in enumerate(ths):
+            for j, cfg in enumerate(fixed):
+                ax = axes[i][j]
+                for variant, color, marker in (("ckpt", "tab:blue", "o"), ("torch", "tab:red", "s")):
+                    pts = [r for r in rows if r["config"] == cfg and r["threads"] == t and r["variant"] == variant]
+                    for r in pts:
+                        mk = "^" if r["policy"].endswith("_seq") else marker
+                        ax.scatter(r["act_rss_kb"] / 1024, r["median_ms"], color=color, marker=mk, s=40, zorder=3)
+                        ax.annotate(r["policy"], (r["act_rss_kb"] / 1024, r["median_ms"]), fontsize=7, xytext=(4, 3),
+                                    textcoords="offset points", color=color)
+                    for r in pts:  # hollow: ckpt's tape.peak_bytes, torch's live bytes (fixed mmap threshold)
+                        x = (r["tape_peak_bytes"] or 0) / 2**20 if variant == "ckpt" else r.get("live_kb", 0) / 1024
+                        if x > 0:
+                            ax.scatter(x, r["median_ms"], facecolors="none", edgecolors=color,
+                                       marker="^" if r["policy"].endswith("_seq") else marker, s=30)
+                ax.set_title("%s, %d thread%s" % (cfg, t, "s" if t > 1 else ""), fontsize=9)
+                ax.set_xlabel("peak activation memory, MB: filled RSS growth (glibc default);\nhollow: ckpt tape.peak_bytes, PyTorch live bytes (fixed mmap threshold)", fontsize=7)
+                ax.set_ylabel("step time, ms (median)", fontsize=8)
+                ax.set_ylim(bottom=0)
+                ax.set_xlim(left=0)
+                ax.grid(alpha=0.3)
+        from matplotlib.lines import Line2D
+        handles = [Line2D([], [], color="tab:blue", marker="o", ls="", label="ckpt"),
+                   Line2D([], [], color="tab:blue", marker="o", ls="", mfc="none", label="ckpt, tape.peak_bytes"),
+                   Line2D([], [], color="tab:red", marker="s", ls="", label="PyTorch checkpoint(use_reentrant=False)"),
+                   Line2D([], [], color="tab:red", marker="s", ls="", mfc="none", label="PyTorch, live bytes"),
+                   Line2D([], [], color="tab:red", marker="^", ls="", label="PyTorch checkpoint_sequential (reentrant)")]
+        fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=7.5)
+        fig.suptitle("Step time against peak activation memory, one point per policy (%s, %s)" % (res["machine"], res["date"][:10]), fontsize=10)
+        fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+        fig.savefig(os.path.join(out, "time_vs_memory.png"), dpi=90)
+        plt.close(fig)
+
+    models = [m for m in ("mlp", "lora") if any(r["model"] == m and r["depth"] == 64 and r["batch"] == 64 for r in rows)]
+    if models:
+        fig, axes = plt.subplots(1, len(models), figsize=(6.2 * len(models), 4.6), squeeze=False)
+        styles = {("ckpt", "none"): ("tab:blue", "-", "o"), ("ckpt", "ckpt"): ("tab:blue", "--", "o"),
+                  ("torch", "none"): ("tab:red", "-", "s"), ("torch", "ckpt"): ("tab:red", "--", "s"),
+                  ("ckpt-blas", "none"): ("tab:cyan", ":", "x"), ("torch-stock", "none"): ("tab:orange", ":", "x")}
+        for j, m in enumerate(models):
+            ax = axes[0][j]
+            ck = "sqrt_n" if m == "mlp" else "per_block"
+            for t in ths:
+                for variant, pol, kind in (("ckpt", "none", "none"), ("ckpt", ck, "ckpt"), ("torch", "none", "none"), ("torch", ck, "ckpt"),
+                                           ("ckpt-blas", "none", "none"), ("torch-stock", "none", "none")):
+                    pts = sorted([r for r in rows if r["model"] == m and r["depth"] == 64 and r["batch"] == 64 and r["threads"] == t
+                                  and r["variant"] == variant and r["policy"] == pol], key=lambda r: r["width"])
+                    if len(pts) < 2:
+                        continue
+                    color, ls, mk = styles[(variant, kind)]
+                    ax.plot([r["width"] for r in pts], [r["median_ms"] for r in pts], color=color, ls=ls, marker=mk,
+                            alpha=1.0 if t == 1 else 0.45, lw=1.6 if t == 1 else 1.0,
+                            label="%s %s, %d thr" % (variant, pol, t))
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("width (depth 64, batch 64%s)" % (", rank 8" if m == "lora" else ""), fontsize=8)
+            ax.set_ylabel("step time, ms (median)", fontsize=8)
+            ax.set_title("%s stack: step time against width (faint: 2 threads)" % m.upper(), fontsize=9)
+            ax.grid(alpha=0.3, which="both")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6.5, ncol=2)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "time_vs_width.png"), dpi=90)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
