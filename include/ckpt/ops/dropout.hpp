@@ -21,4 +21,11 @@ auto dropout(X&& x, double p) {
   return expr::dropout_node<std::remove_cvref_t<E>>{e, k, static_cast<float>(p), static_cast<T>(1.0 / (1.0 - p))};
 }
 
+
+// Found by argument-dependent lookup for expression arguments too (expressions live in
+// ckpt::expr), so that `tanh(a + b)` means ckpt::tanh without `using namespace ckpt`.
+namespace expr {
+using ckpt::dropout;
+}  // namespace expr
+
 }  // namespace ckpt

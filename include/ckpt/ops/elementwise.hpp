@@ -62,4 +62,11 @@ auto pow(X&& x, S p) {
   return expr::make_unary(fn::pow<T>{static_cast<T>(p)}, x);
 }
 
+
+// Found by argument-dependent lookup for expression arguments too (expressions live in
+// ckpt::expr), so that `tanh(a + b)` means ckpt::tanh without `using namespace ckpt`.
+namespace expr {
+using ckpt::operator+, ckpt::operator-, ckpt::operator*, ckpt::operator/, ckpt::relu, ckpt::gelu, ckpt::silu, ckpt::sigmoid, ckpt::tanh, ckpt::exp, ckpt::log, ckpt::sqrt, ckpt::square, ckpt::pow;
+}  // namespace expr
+
 }  // namespace ckpt

@@ -302,4 +302,11 @@ Var<T, B> concat_rows(const std::vector<Var<T, B>>& parts) {
   return concat_rows(std::span<const Var<T, B>>(parts));
 }
 
+
+// Found by argument-dependent lookup for expression arguments too (expressions live in
+// ckpt::expr), so that `tanh(a + b)` means ckpt::tanh without `using namespace ckpt`.
+namespace expr {
+using ckpt::transpose, ckpt::slice_rows, ckpt::slice_cols;
+}  // namespace expr
+
 }  // namespace ckpt

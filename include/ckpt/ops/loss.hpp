@@ -78,4 +78,11 @@ auto cross_entropy(X&& logits, const std::vector<int>& labels) {
   return cross_entropy(logits, std::span<const int>(labels));
 }
 
+
+// Found by argument-dependent lookup for expression arguments too (expressions live in
+// ckpt::expr), so that `tanh(a + b)` means ckpt::tanh without `using namespace ckpt`.
+namespace expr {
+using ckpt::cross_entropy;
+}  // namespace expr
+
 }  // namespace ckpt

@@ -88,4 +88,11 @@ auto matmul(L&& lhs, R&& rhs) {
   return t.var_of(out);
 }
 
+
+// Found by argument-dependent lookup for expression arguments too (expressions live in
+// ckpt::expr), so that `tanh(a + b)` means ckpt::tanh without `using namespace ckpt`.
+namespace expr {
+using ckpt::matmul;
+}  // namespace expr
+
 }  // namespace ckpt

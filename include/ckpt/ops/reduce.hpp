@@ -83,4 +83,11 @@ auto mse(A&& a, Bv&& b) {
   return detail::record_reduce(expr::unary<fn::square, decltype(diff)>{fn::square{}, diff}, "mse", true);
 }
 
+
+// Found by argument-dependent lookup for expression arguments too (expressions live in
+// ckpt::expr), so that `tanh(a + b)` means ckpt::tanh without `using namespace ckpt`.
+namespace expr {
+using ckpt::sum, ckpt::mean, ckpt::mse;
+}  // namespace expr
+
 }  // namespace ckpt

@@ -183,4 +183,11 @@ auto rms_norm(X&& x, G&& gain, double eps = 1e-6) {
   return detail::norm_impl(rx, rg, static_cast<decltype(&rx)>(nullptr), static_cast<T>(eps), false);
 }
 
+
+// Found by argument-dependent lookup for expression arguments too (expressions live in
+// ckpt::expr), so that `tanh(a + b)` means ckpt::tanh without `using namespace ckpt`.
+namespace expr {
+using ckpt::softmax, ckpt::log_softmax, ckpt::layer_norm, ckpt::rms_norm;
+}  // namespace expr
+
 }  // namespace ckpt
