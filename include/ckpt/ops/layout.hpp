@@ -204,43 +204,66 @@ auto slice_cols(X&& xin, int begin, int count) {
   return t.var_of(out);
 }
 
+namespace detail {
+
+/// The parts of a concatenation, validated: one tape, equal extent along the other dimension.
+template <class T, class B>
+struct gathered_parts {
+  Tape<T, B>* tape = nullptr;
+  std::vector<operand<T>> refs;
+  shape out;
+  bool grad = false;
+};
+
+template <class T, class B>
+gathered_parts<T, B> gather_parts(std::span<const Var<T, B>> parts, const char* op, bool stack_rows) {
+  if (parts.empty()) throw shape_error(cat(op, ": no tensors to concatenate"));
+  gathered_parts<T, B> g;
+  g.tape = parts[0].tape();
+  g.refs.reserve(parts.size());
+  const shape first = parts[0].dims();
+  g.out = stack_rows ? shape{0, first.cols} : shape{first.rows, 0};
+  for (const auto& p : parts) {
+    auto r = resolve(p, op);
+    g.tape = expr::common_tape(g.tape, r.tape, op);
+    if (stack_rows ? r.ref.dims.cols != first.cols : r.ref.dims.rows != first.rows) {
+      std::string shapes;
+      for (const auto& q : parts) shapes += cat(q.dims(), " ");
+      throw shape_error(cat(op, stack_rows ? ": column counts differ: " : ": row counts differ: ", shapes));
+    }
+    (stack_rows ? g.out.rows : g.out.cols) += stack_rows ? r.ref.dims.rows : r.ref.dims.cols;
+    g.grad = g.grad || r.ref.requires_grad;
+    g.refs.push_back(r.ref);
+  }
+  return g;
+}
+
+/// Copies the parts' references into the tape's record arena for the entry.
+template <class T, class B>
+const operand<T>* store_parts(Tape<T, B>& t, const std::vector<operand<T>>& refs) {
+  auto* stored = t.template make_array<operand<T>>(refs.size());
+  for (std::size_t i = 0; i < refs.size(); ++i) stored[i] = refs[i];
+  return stored;
+}
+
+}  // namespace detail
+
 /// Places tensors with equal row counts side by side.
 template <class T, Backend B>
 Var<T, B> concat_cols(std::span<const Var<T, B>> parts) {
-  if (parts.empty()) throw shape_error("concat_cols: no tensors to concatenate");
-  Tape<T, B>* tape = parts[0].tape();
-  std::vector<detail::operand<T>> refs;
-  refs.reserve(parts.size());
-  int cols = 0;
-  bool grad = false;
-  for (const auto& p : parts) {
-    auto r = detail::resolve(p, "concat_cols");
-    tape = expr::common_tape(tape, r.tape, "concat_cols");
-    if (r.ref.dims.rows != parts[0].rows()) {
-      std::string shapes;
-      for (const auto& q : parts) shapes += detail::cat(q.dims(), " ");
-      throw shape_error(detail::cat("concat_cols: row counts differ: ", shapes));
-    }
-    cols += r.ref.dims.cols;
-    grad = grad || r.ref.requires_grad;
-    refs.push_back(r.ref);
-  }
-  Tape<T, B>& t = *tape;
-  const int rows = parts[0].rows();
+  auto g = detail::gather_parts(parts, "concat_cols", false);
+  Tape<T, B>& t = *g.tape;
   const std::uint32_t first = static_cast<std::uint32_t>(t.node_count());
-  const std::uint32_t out = t.new_output({rows, cols}, "concat_cols", op_kind::layout, grad);
+  const std::uint32_t out = t.new_output(g.out, "concat_cols", op_kind::layout, g.grad);
   if (!t.is_replayed(out)) {
     T* y = t.node(out).value;
-    for (const auto& x : refs) {
+    for (const auto& x : g.refs) {
       B::copy(y, x.value, x.dims.size());
       y += x.dims.size();
     }
   }
-  if (grad) {
-    auto* stored = t.template make_array<detail::operand<T>>(refs.size());
-    for (std::size_t i = 0; i < refs.size(); ++i) stored[i] = refs[i];
-    t.push_entry(detail::concat_cols_entry<T>{stored, static_cast<std::uint32_t>(refs.size()), out}, first);
-  }
+  if (g.grad)
+    t.push_entry(detail::concat_cols_entry<T>{detail::store_parts(t, g.refs), static_cast<std::uint32_t>(g.refs.size()), out}, first);
   return t.var_of(out);
 }
 template <class T, Backend B>
@@ -255,42 +278,23 @@ Var<T, B> concat_cols(const std::vector<Var<T, B>>& parts) {
 /// Stacks tensors with equal column counts on top of each other.
 template <class T, Backend B>
 Var<T, B> concat_rows(std::span<const Var<T, B>> parts) {
-  if (parts.empty()) throw shape_error("concat_rows: no tensors to concatenate");
-  Tape<T, B>* tape = parts[0].tape();
-  std::vector<detail::operand<T>> refs;
-  refs.reserve(parts.size());
-  int rows = 0;
-  bool grad = false;
-  for (const auto& p : parts) {
-    auto r = detail::resolve(p, "concat_rows");
-    tape = expr::common_tape(tape, r.tape, "concat_rows");
-    if (r.ref.dims.cols != parts[0].cols()) {
-      std::string shapes;
-      for (const auto& q : parts) shapes += detail::cat(q.dims(), " ");
-      throw shape_error(detail::cat("concat_rows: column counts differ: ", shapes));
-    }
-    rows += r.ref.dims.rows;
-    grad = grad || r.ref.requires_grad;
-    refs.push_back(r.ref);
-  }
-  Tape<T, B>& t = *tape;
-  const int cols = parts[0].cols();
+  auto g = detail::gather_parts(parts, "concat_rows", true);
+  Tape<T, B>& t = *g.tape;
+  const int rows = g.out.rows, cols = g.out.cols;
   const std::uint32_t first = static_cast<std::uint32_t>(t.node_count());
-  const std::uint32_t out = t.new_output({rows, cols}, "concat_rows", op_kind::layout, grad);
+  const std::uint32_t out = t.new_output(g.out, "concat_rows", op_kind::layout, g.grad);
   if (!t.is_replayed(out)) {
     T* y = t.node(out).value;
     int offset = 0;
-    for (const auto& x : refs) {
+    for (const auto& x : g.refs) {
       for (int j = 0; j < cols; ++j)
         for (int i = 0; i < x.dims.rows; ++i) y[offset + i + static_cast<long>(j) * rows] = x.value[i + static_cast<long>(j) * x.dims.rows];
       offset += x.dims.rows;
     }
   }
-  if (grad) {
-    auto* stored = t.template make_array<detail::operand<T>>(refs.size());
-    for (std::size_t i = 0; i < refs.size(); ++i) stored[i] = refs[i];
-    t.push_entry(detail::concat_rows_entry<T>{stored, static_cast<std::uint32_t>(refs.size()), out, rows, cols}, first);
-  }
+  if (g.grad)
+    t.push_entry(detail::concat_rows_entry<T>{detail::store_parts(t, g.refs), static_cast<std::uint32_t>(g.refs.size()), out, rows, cols},
+                 first);
   return t.var_of(out);
 }
 template <class T, Backend B>
