@@ -21,9 +21,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PY = "/usr/bin/python3"
 TORCH_PEER = os.path.join(HERE, "torch_peer.py")
 
-# torch's OpenBLAS (Debian 0.3.21) takes this Xeon (family 6 model 207) for a "Prescott" and
-# runs its SSE3 kernel; OPENBLAS_CORETYPE=SkylakeX selects its AVX-512 kernel. The main torch
-# figures use it; "torch-stock" is PyTorch as installed.
+# Debian's OpenBLAS 0.3.21 takes this Xeon (family 6 model 207) for a "Prescott" and runs its
+# SSE3 kernel; OPENBLAS_CORETYPE=SkylakeX selects its AVX-512 kernel. Both sides run with it:
+# PyTorch's products then use that kernel, and ckpt's dispatch (backend/cpu/cpu.hpp: OpenBLAS
+# unless it reports an old core) sends its products to the same kernel, so both sides do the same
+# GEMMs with the same code. Context: "torch-stock" (as installed: Prescott kernel) and
+# "ckpt-eigen" (CKPT_GEMM=eigen: Eigen's GEMM, ckpt's choice when the variable is not set).
 TUNED = {"OPENBLAS_CORETYPE": "SkylakeX"}
 
 # ckpt policy -> the PyTorch mode that cuts the chain the same way (None: nothing in torch.utils.checkpoint)
@@ -66,7 +69,7 @@ def run_json(cmd, env_extra, timeout=300):
 
 def name_of(c):
     s = "%s_L%d_w%d_n%d" % (c["model"], c["depth"], c["width"], c["batch"])
-    return s + ("_r%d" % c["rank"] if c["model"] == "lora" else "")
+    return s + ("_r%d" % c["rank"] if c["model"] != "mlp" else "")
 
 
 def plan(quick):
@@ -77,24 +80,37 @@ def plan(quick):
         (dict(model="mlp", depth=64, width=256, batch=64), mlp_pol),     # bench_checkpoint's first size
         (dict(model="mlp", depth=256, width=128, batch=32), mlp_pol),    # its second size
         (dict(model="lora", depth=64, width=256, batch=64, rank=8), lora_pol),
+        # bench_lora's residual blocks and two of its sizes (blocks, width, batch, rank)
+        (dict(model="lora_res", depth=16, width=512, batch=128, rank=16), ["none", "per_block", "sqrt_n", "binomial4"]),
     ]
+    # last, so that its check cannot stop the others: on 2026-11-30 ckpt's loss was off by 1.1e-5
+    # there (ckpt::mean sums 65,536 floats in one float accumulator; PyTorch's is within 3e-8 of
+    # a float64 reference) and the run stopped, as it must
+    last = [(dict(model="lora_res", depth=8, width=1024, batch=64, rank=16), ["none", "per_block", "sqrt_n", "binomial4"])]
     widths = [32, 64, 128, 256, 512] if quick else [32, 64, 128, 256, 512, 1024]
     sweep = [(dict(model="mlp", depth=64, width=w, batch=64), ["none", "sqrt_n"]) for w in widths]
     sweep += [(dict(model="lora", depth=64, width=w, batch=64, rank=8), ["none", "per_block"]) for w in widths if w >= 64]
     if quick:
-        fixed = fixed[:1] + fixed[2:]
+        fixed = fixed[:1] + fixed[2:3]
     out, seen = [], {}
-    for c, pols in fixed + sweep:
+    for c, pols in fixed + sweep + last:
         c.setdefault("rank", 8)
         n = name_of(c)
         if n in seen:
             seen[n]["policies"] = list(dict.fromkeys(seen[n]["policies"] + pols))
             seen[n]["sweep"] = True
             continue
-        e = {"config": c, "name": n, "policies": pols, "sweep": (c, pols) in sweep, "fixed": (c, pols) in fixed}
+        e = {"config": c, "name": n, "policies": pols, "sweep": (c, pols) in sweep, "fixed": (c, pols) in fixed + last}
         seen[n] = e
         out.append(e)
     return out
+
+
+def model_args(c):
+    a = ["--model", c["model"], "--depth", str(c["depth"]), "--width", str(c["width"]), "--batch", str(c["batch"]), "--rank", str(c["rank"])]
+    if c["model"] == "lora_res":
+        a += ["--alpha", str(2 * c["rank"])]  # bench_lora's alpha
+    return a
 
 
 def torch_modes_for(policy, depth):
@@ -122,13 +138,46 @@ def main():
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="fewer sizes (a smoke test)")
     ap.add_argument("--only", default="", help="run only the configurations whose name contains this")
+    ap.add_argument("--merge", action="store_true",
+                    help="replace only the configurations run now in an existing OUT/results.json (with --only)")
     ap.add_argument("--plots-only", action="store_true", help="redraw from OUT/results.json")
     ap.add_argument("--memory-only", action="store_true", help="redo the live-bytes runs into OUT/results.json")
+    ap.add_argument("--context-only", action="store_true", help="redo the ckpt-eigen context runs into OUT/results.json")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     if a.plots_only:
         with open(os.path.join(a.out, "results.json")) as f:
             res = json.load(f)
+        finish(res, a.out)
+        return
+
+    if a.context_only:
+        with open(os.path.join(a.out, "results.json")) as f:
+            res = json.load(f)
+        res["runs"] = [r for r in res["runs"] if r["variant"] not in ("ckpt-eigen", "ckpt-blas")]
+        for e in plan(a.quick):
+            if not e["sweep"] or (a.only and a.only not in e["name"]):
+                continue
+            c, n = e["config"], e["name"]
+            d = os.path.join(a.data, n)
+            shutil.rmtree(d, ignore_errors=True)
+            args = model_args(c)
+            rc, js, err = run_json([a.driver, "export", d] + args + ["--policies", "none"], {"OMP_NUM_THREADS": "1"})
+            if rc:
+                sys.exit("peer_ckpt export %s failed: %s" % (n, err))
+            big = c["width"] >= 1024
+            reps, warm = (10, 2) if big else (a.reps, a.warmup)
+            env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", **TUNED, "CKPT_GEMM": "eigen"}
+            for r in range(a.rounds):
+                load = load_avg()
+                rc, js, err = run_json([a.driver, "time", d, "--policy", "none", "--warmup", str(warm), "--reps", str(reps)], env)
+                if rc:
+                    sys.exit("ckpt-eigen %s failed: %s" % (n, err))
+                js.update(config=n, variant="ckpt-eigen", policy="none", threads=1, round=r, load=load)
+                res["runs"].append(js)
+                print("%-28s t=1 r=%d ckpt-eigen  none  wall %9.3f ms  cpu %9.3f ms  load %.2f" % (n, r, js["median_ms"], js["cpu_median_ms"], load[0]), flush=True)
+            shutil.rmtree(d, ignore_errors=True)
+            save(res, a.out)
         finish(res, a.out)
         return
 
@@ -142,7 +191,7 @@ def main():
             c, n = e["config"], e["name"]
             d = os.path.join(a.data, n)
             shutil.rmtree(d, ignore_errors=True)
-            args = ["--model", c["model"], "--depth", str(c["depth"]), "--width", str(c["width"]), "--batch", str(c["batch"]), "--rank", str(c["rank"])]
+            args = model_args(c)
             rc, js, err = run_json([a.driver, "export", d] + args + ["--policies", "none"], {"OMP_NUM_THREADS": "1"})
             if rc:
                 sys.exit("peer_ckpt export %s failed: %s" % (n, err))
@@ -159,6 +208,8 @@ def main():
         return
 
     threads = [int(t) for t in a.threads.split(",")]
+    if a.merge:  # keep the previous results aside; save() below writes this run's own as it goes
+        shutil.copy(os.path.join(a.out, "results.json"), os.path.join(a.out, "results.json.before-merge"))
     torch_version = subprocess.run([PY, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True).stdout.strip()
     res = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -191,7 +242,7 @@ def main():
         c, n = e["config"], e["name"]
         d = os.path.join(a.data, n)
         shutil.rmtree(d, ignore_errors=True)
-        args = ["--model", c["model"], "--depth", str(c["depth"]), "--width", str(c["width"]), "--batch", str(c["batch"]), "--rank", str(c["rank"])]
+        args = model_args(c)
         modes = [m for p in e["policies"] for m in torch_modes_for(p, c["depth"])]
         rc, js, err = run_json([a.driver, "export", d] + args + ["--policies", ",".join(e["policies"])], {"OMP_NUM_THREADS": "1"})
         if rc:
@@ -208,8 +259,11 @@ def main():
             res["checks"].append(chk)
             log("check %-28s %-12s %s worst %s" % (n, variant, chk["check"], chk.get("worst") or chk.get("tensor")))
             if variant == "torch" and chk["check"] != "ok":
-                save(res, a.out)
-                sys.exit("STOP: %s: ckpt and PyTorch disagree on %s (relative error %s > 1e-5)" % (n, chk.get("tensor"), chk.get("rel_err")))
+                msg = "STOP: %s: ckpt and PyTorch disagree on %s (relative error %s > 1e-5)" % (n, chk.get("tensor"), chk.get("rel_err"))
+                res["stopped"] = msg
+                shutil.rmtree(d, ignore_errors=True)
+                wrap_up(res, a)  # the table and plots of what ran before
+                sys.exit(msg)
             if variant == "torch-stock":
                 stock_ok = chk["check"] == "ok"
         big = c["width"] >= 1024 or (c["width"] >= 512 and c["model"] == "mlp" and c["depth"] > 64)
@@ -224,9 +278,9 @@ def main():
                     jobs.append(("torch", "torch", m, [PY, TORCH_PEER, "time", d, "--mode", m, "--threads", str(t),
                                                        "--warmup", str(warm), "--reps", str(reps)], env))
             if e["sweep"] and t == 1:
-                # context: ckpt with the same GEMM as tuned torch; torch as installed
-                jobs.append(("ckpt", "ckpt-blas", "none", [a.driver, "time", d, "--policy", "none", "--warmup", str(warm), "--reps", str(reps)],
-                             {**env, "CKPT_GEMM": "blas"}))
+                # context: ckpt with Eigen's GEMM (its choice without OPENBLAS_CORETYPE); torch as installed
+                jobs.append(("ckpt", "ckpt-eigen", "none", [a.driver, "time", d, "--policy", "none", "--warmup", str(warm), "--reps", str(reps)],
+                             {**env, "CKPT_GEMM": "eigen"}))
                 if stock_ok:
                     stock_env = {**env, "OPENBLAS_CORETYPE": None}
                     jobs.append(("torch", "torch-stock", "none", [PY, TORCH_PEER, "time", d, "--mode", "none", "--threads", str(t),
@@ -249,7 +303,25 @@ def main():
                         n, t, r, variant, pol, js["median_ms"], js["cpu_median_ms"], js["maxrss_end_kb"] - js["rss_loaded_kb"], load[0]))
         shutil.rmtree(d, ignore_errors=True)
         save(res, a.out)
+    wrap_up(res, a)
+
+
+def wrap_up(res, a):
+    """Merges into the previous results (--merge), writes the table and the plots."""
     res["load_end"] = load_avg()
+    before = os.path.join(a.out, "results.json.before-merge")
+    if a.merge and os.path.exists(before):
+        with open(before) as f:
+            old = json.load(f)
+        done = {r["config"] for k in ("runs", "checks") for r in res.get(k, [])}
+        for k in ("runs", "checks", "memory_runs"):
+            old[k] = [r for r in old.get(k, []) if r.get("config") not in done] + res.get(k, [])
+        old.setdefault("merged", []).append({k: res.get(k) for k in ("date", "command", "load_start", "load_end", "stopped")} |
+                                            {"configs": sorted(done)})
+        if res.get("stopped"):
+            old["stopped"] = res["stopped"]
+        res = old
+        os.remove(before)
     finish(res, a.out)
 
 
@@ -285,7 +357,7 @@ def cpu_model():
 
 def save(res, out):
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(res, f, indent=1)
+        json.dump(res, f, separators=(",", ":"))
 
 
 # ------------------------------------------------------------------ summary
@@ -341,9 +413,25 @@ def write_table(res, rows, out):
     L.append("Measured %s on %s (%d cores), torch %s, command `%s`. Load average (1 min) at the start %.2f, at the end %s." % (
         res["date"], res["machine"], res["cores"], res["torch"], res["command"], res["load_start"][0],
         "%.2f" % res["load_end"][0] if "load_end" in res else "?"))
+    for m in res.get("merged", []):
+        L.append("")
+        L.append("Rows of %s: from `%s`, %s, load %.2f at the start%s." % (
+            ", ".join(m["configs"]), m["command"], m["date"], m["load_start"][0], "; it stopped" if m.get("stopped") else ""))
+    eng = sorted({"%s: GEMM %s, OMP_NUM_THREADS=%s, OPENBLAS_NUM_THREADS=%s%s" % (
+        r["variant"], r.get("gemm_engine") or "OpenBLAS " + str(r.get("openblas_core")), r.get("omp_num_threads_env"),
+        r.get("openblas_num_threads_env"), ", torch threads %s" % r["torch_threads"] if "torch_threads" in r else "")
+        for r in res["runs"]})
+    L.append("")
+    L.append("Threads and GEMM per run (from the runs' own records): " + "; ".join(eng) + ". ckpt's `blas` is OpenBLAS with "
+             "OPENBLAS_CORETYPE=SkylakeX (the kernel PyTorch uses too); ckpt's elementwise loops are single-threaded.")
     L.append("")
     L.append("Step = forward + backward; median over %s steps (wall clock) after warm-up; `cpu` = median process CPU time per step; "
-             "speed-up = torch / ckpt on the wall median (on the CPU-time median); `act MB` = peak RSS growth during the steps (same method both sides), "
+             "speed-up = torch / ckpt on the wall median (on the CPU-time median); `act MB` = peak RSS (getrusage ru_maxrss) growth "
+             "over the RSS before the first step, after the first step / after all steps (same method both sides; PyTorch's grows after "
+             "the first step: glibc serves the freed tensors' sizes from its heap, ckpt's tape keeps its buffers in a pool); `live MB` = "
+             "the first step's growth in a separate untimed run with MALLOC_MMAP_THRESHOLD_=4096 (every tensor buffer its own mapping, "
+             "unmapped when freed: RSS follows the live tensor bytes on both sides); `RSS over empty` = peak RSS minus an empty process's "
+             "(peer_ckpt empty / python3 with torch imported); "
              "`tape MB` = ckpt's `tape.peak_bytes()`; `load` = highest 1-min load average seen at the start of the runs." % (
                  "%d-%d" % (min(r["steps"] for r in rows), max(r["steps"] for r in rows)) if rows else "?"))
     L.append("")
@@ -369,16 +457,17 @@ def write_table(res, rows, out):
                     (r["tape_peak_bytes"] or 0) / 2**20, "%.1f/%.1f" % (tr["act_first_kb"] / 1024, tr["act_rss_kb"] / 1024) if tr else "-", live,
                     r["rss_over_empty_kb"] / 1024, "%.0f" % (tr["rss_over_empty_kb"] / 1024) if tr else "-",
                     max(r["load"], tr["load"] if tr else 0)))
-    extra = [r for r in rows if r["variant"] in ("ckpt-blas", "torch-stock")]
+    extra = [r for r in rows if r["variant"] in ("ckpt-eigen", "torch-stock")]
     if extra:
         L.append("")
-        L.append("Context, policy none, 1 thread: ckpt with CKPT_GEMM=blas (the same OpenBLAS SkylakeX kernel as torch) and torch as "
+        L.append("Context, policy none, 1 thread, wall-clock median ms: the main figures (both sides on OpenBLAS's SkylakeX kernel), "
+                 "ckpt with CKPT_GEMM=eigen (Eigen's GEMM: ckpt's choice on this machine without OPENBLAS_CORETYPE) and PyTorch as "
                  "installed (OpenBLAS's Prescott kernel):")
         L.append("")
-        L.append("| model | ckpt (Eigen) ms | ckpt-blas ms | torch (SkylakeX) ms | torch-stock ms |")
+        L.append("| model | ckpt (OpenBLAS SkylakeX) | ckpt-eigen | torch (OpenBLAS SkylakeX) | torch-stock (Prescott) |")
         L.append("|---|---|---|---|---|")
         for cfg in cfgs:
-            cb = find(rows, config=cfg, threads=1, variant="ckpt-blas")
+            cb = find(rows, config=cfg, threads=1, variant="ckpt-eigen")
             if not cb:
                 continue
             ce = find(rows, config=cfg, threads=1, variant="ckpt", policy="none")
@@ -388,6 +477,9 @@ def write_table(res, rows, out):
             L.append("| %s | %s | %s | %s | %s |" % (cfg, f(ce), f(cb), f(tt), f(ts) if ts else "check failed" if any(
                 c["config"] == cfg and c["variant"] == "torch-stock" and c["check"] != "ok" for c in res["checks"]) else "-"))
     L.append("")
+    if res.get("stopped"):
+        L.append("**The run stopped:** %s" % res["stopped"])
+        L.append("")
     bad = [c for c in res["checks"] if c["check"] != "ok"]
     ok = [c for c in res["checks"] if c["check"] == "ok"]
     L.append("Gradient cross-check: %d of %d passed (%d tensors compared in all; worst %.2g, %s)." % (
@@ -417,7 +509,7 @@ def write_short_table(res, rows, cfgs, out):
                 continue
             live = lambda x: "%.1f" % (x["live_kb"] / 1024) if x and "live_kb" in x else "-"
             L.append("| %s | %s | %.2f / %.2f | %.2fx (%.2fx) | %s | %s / %s | %.0f / %.0f | %.1f |" % (
-                cfg.replace("_n", " n").replace("_w", " w").replace("_L", " L").replace("_r", " r"), r["policy"],
+                cfg.split("_L")[0] + " L" + cfg.split("_L")[1].replace("_", " "), r["policy"],
                 r["median_ms"], tr["median_ms"], tr["median_ms"] / r["median_ms"], tr["cpu_median_ms"] / r["cpu_median_ms"],
                 "%.1f / %.1f" % (c2["median_ms"], t2["median_ms"]) if c2 and t2 else "-",
                 live(r), live(tr), r["rss_over_empty_kb"] / 1024, tr["rss_over_empty_kb"] / 1024, max(r["load"], tr["load"])))
@@ -431,9 +523,9 @@ def plot(res, rows, out):
     import matplotlib.pyplot as plt
 
     ths = sorted({r["threads"] for r in rows})
-    fixed = [c for c in ("mlp_L64_w256_n64", "mlp_L256_w128_n32", "lora_L64_w256_n64_r8") if any(r["config"] == c for r in rows)]
+    fixed = [e["name"] for e in plan(False) if e["fixed"] and any(r["config"] == e["name"] for r in rows)]
     if fixed:
-        fig, axes = plt.subplots(len(ths), len(fixed), figsize=(5.2 * len(fixed), 4.2 * len(ths)), squeeze=False)
+        fig, axes = plt.subplots(len(ths), len(fixed), figsize=(4.6 * len(fixed), 4.0 * len(ths)), squeeze=False)
         for i, t in enumerate(ths):
             for j, cfg in enumerate(fixed):
                 ax = axes[i][j]
@@ -452,7 +544,11 @@ def plot(res, rows, out):
                 ax.set_title("%s, %d thread%s" % (cfg, t, "s" if t > 1 else ""), fontsize=9)
                 ax.set_xlabel("peak activation memory, MB: filled RSS growth (glibc default);\nhollow: ckpt tape.peak_bytes, PyTorch live bytes (fixed mmap threshold)", fontsize=7)
                 ax.set_ylabel("step time, ms (median)", fontsize=8)
-                ax.set_ylim(bottom=0)
+                ys = [r["median_ms"] for r in rows if r["config"] == cfg and r["threads"] == t and r["variant"] in ("ckpt", "torch")]
+                if ys and max(ys) > 10 * min(ys):
+                    ax.set_yscale("log")
+                else:
+                    ax.set_ylim(bottom=0)
                 ax.set_xlim(left=0)
                 ax.grid(alpha=0.3)
         from matplotlib.lines import Line2D
@@ -469,16 +565,16 @@ def plot(res, rows, out):
 
     models = [m for m in ("mlp", "lora") if any(r["model"] == m and r["depth"] == 64 and r["batch"] == 64 for r in rows)]
     if models:
-        fig, axes = plt.subplots(1, len(models), figsize=(6.2 * len(models), 4.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(models) + 1, figsize=(5.6 * (len(models) + 1), 4.6), squeeze=False)
         styles = {("ckpt", "none"): ("tab:blue", "-", "o"), ("ckpt", "ckpt"): ("tab:blue", "--", "o"),
                   ("torch", "none"): ("tab:red", "-", "s"), ("torch", "ckpt"): ("tab:red", "--", "s"),
-                  ("ckpt-blas", "none"): ("tab:cyan", ":", "x"), ("torch-stock", "none"): ("tab:orange", ":", "x")}
+                  ("ckpt-eigen", "none"): ("tab:cyan", ":", "x"), ("torch-stock", "none"): ("tab:orange", ":", "x")}
         for j, m in enumerate(models):
             ax = axes[0][j]
             ck = "sqrt_n" if m == "mlp" else "per_block"
             for t in ths:
                 for variant, pol, kind in (("ckpt", "none", "none"), ("ckpt", ck, "ckpt"), ("torch", "none", "none"), ("torch", ck, "ckpt"),
-                                           ("ckpt-blas", "none", "none"), ("torch-stock", "none", "none")):
+                                           ("ckpt-eigen", "none", "none"), ("torch-stock", "none", "none")):
                     pts = sorted([r for r in rows if r["model"] == m and r["depth"] == 64 and r["batch"] == 64 and r["threads"] == t
                                   and r["variant"] == variant and r["policy"] == pol], key=lambda r: r["width"])
                     if len(pts) < 2:
@@ -495,6 +591,30 @@ def plot(res, rows, out):
             ax.grid(alpha=0.3, which="both")
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=6.5, ncol=2)
+        ax = axes[0][len(models)]  # speed-up: torch / ckpt, 1 thread
+        for m, pol, color in (("mlp", "none", "tab:blue"), ("mlp", "sqrt_n", "tab:cyan"), ("lora", "none", "tab:green"),
+                              ("lora", "per_block", "tab:olive")):
+            pairs = []
+            for r in rows:
+                if r["model"] == m and r["depth"] == 64 and r["batch"] == 64 and r["threads"] == 1 and r["variant"] == "ckpt" and r["policy"] == pol:
+                    tr = find(rows, config=r["config"], threads=1, variant="torch", policy=pol)
+                    if tr:
+                        pairs.append((r["width"], tr["median_ms"] / r["median_ms"], tr["cpu_median_ms"] / r["cpu_median_ms"]))
+            pairs.sort()
+            if len(pairs) >= 2:
+                ax.plot([p[0] for p in pairs], [p[1] for p in pairs], color=color, marker="o", label="%s %s, wall" % (m, pol))
+                ax.plot([p[0] for p in pairs], [p[2] for p in pairs], color=color, marker=".", ls=":", label="%s %s, CPU time" % (m, pol))
+        ax.axhline(1.5, color="k", lw=0.8, ls="--")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axvline(256, color="grey", lw=0.6, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("width (1 thread; dashed: the 1.5x goal, up to width 256)", fontsize=8)
+        ax.set_ylabel("speed-up: PyTorch step time / ckpt step time", fontsize=8)
+        ax.set_title("ckpt's speed-up over PyTorch", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6.5)
         fig.tight_layout()
         fig.savefig(os.path.join(out, "time_vs_width.png"), dpi=90)
         plt.close(fig)

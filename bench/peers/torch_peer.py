@@ -11,7 +11,9 @@ column-major features x batch layout) and ckpt/<policy>/{loss,grad_*}.npy.
 The models are the ones of bench/peers/peer_models.hpp, in PyTorch's row-major batch x features
 layout (the same bytes as ckpt's column-major features x batch):
     mlp:  h = relu(F.linear(h, W_i, b_i))                         W_i, b_i trainable
-    lora: h = relu(addmm(F.linear(h, W_i, b_i), h A_i^T, B_i^T, alpha=s))   W_i, b_i frozen
+    lora: h = relu(lin_i(h)), lin_i(h) = addmm(F.linear(h, W_i, b_i), h A_i^T, B_i^T, alpha=s)
+          W_i, b_i frozen
+    lora_res: h = h + lin_{2i+1}(relu(lin_{2i}(h)))   (bench_lora's residual blocks)
     loss = mean(h^2)
 
 Modes: none; every4 / sqrt_n / per_block: segments of k layers, each run through
@@ -96,8 +98,9 @@ class Model:
         self.x = torch.from_numpy(np.load(os.path.join(p, "x.npy")).T)
         assert self.x.is_contiguous()
         L = self.depth
-        self.W = [load("W_%03d" % i) for i in range(L)]
-        self.b = [load("b_%03d" % i).reshape(-1) for i in range(L)]
+        nl = 2 * L if self.kind == "lora_res" else L  # linear layers
+        self.W = [load("W_%03d" % i) for i in range(nl)]
+        self.b = [load("b_%03d" % i).reshape(-1) for i in range(nl)]
         if self.kind == "mlp":
             for t in self.W + self.b:
                 t.requires_grad_(True)
@@ -105,10 +108,13 @@ class Model:
             self.layers = [self._mlp_layer(i) for i in range(L)]
         else:
             self.scale = float(np.float32(m["scale"]))
-            self.A = [load("A_%03d" % i).requires_grad_(True) for i in range(L)]
-            self.B = [load("B_%03d" % i).requires_grad_(True) for i in range(L)]
+            self.A = [load("A_%03d" % i).requires_grad_(True) for i in range(nl)]
+            self.B = [load("B_%03d" % i).requires_grad_(True) for i in range(nl)]
             self.trainable = [("A_%03d" % i, t) for i, t in enumerate(self.A)] + [("B_%03d" % i, t) for i, t in enumerate(self.B)]
-            self.layers = [self._lora_layer(i) for i in range(L)]
+            if self.kind == "lora":
+                self.layers = [self._lora_layer(i) for i in range(L)]
+            else:
+                self.layers = [self._lora_res_block(i) for i in range(L)]
         for _, t in self.trainable:  # allocated once, zeroed in place (as ckpt's Parameter)
             t.grad = torch.zeros_like(t)
 
@@ -119,6 +125,14 @@ class Model:
     def _lora_layer(self, i):
         W, b, A, B, s = self.W[i], self.b[i], self.A[i], self.B[i], self.scale
         return lambda h: torch.relu(torch.addmm(F.linear(h, W, b), F.linear(h, A), B.t(), alpha=s))
+
+    def _lora_res_block(self, i):
+        l1, l2 = self._lora_linear(2 * i), self._lora_linear(2 * i + 1)
+        return lambda h: h + l2(torch.relu(l1(h)))
+
+    def _lora_linear(self, j):
+        W, b, A, B, s = self.W[j], self.b[j], self.A[j], self.B[j], self.scale
+        return lambda h: torch.addmm(F.linear(h, W, b), F.linear(h, A), B.t(), alpha=s)
 
     def forward(self, mode):
         n = self.depth
@@ -169,7 +183,7 @@ def rel_err(a, b):
 
 
 def torch_modes(kind, depth):
-    modes = ["none", "every4", "sqrt_n"] + (["per_block"] if kind == "lora" else [])
+    modes = ["none", "every4", "sqrt_n"] + (["per_block"] if kind != "mlp" else [])
     return modes + [m + "_seq" for m in modes[1:] if depth % segment_length(m, depth) == 0]
 
 
@@ -254,7 +268,7 @@ def cmd_time(a):
     m = model.meta
     print(json.dumps({
         "side": "torch", "model": m["model"], "depth": m["depth"], "width": m["width"], "batch": m["batch"],
-        "rank": m["rank"] if m["model"] == "lora" else 0, "policy": a.mode, "torch": torch.__version__,
+        "rank": m["rank"] if m["model"] != "mlp" else 0, "policy": a.mode, "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "openblas_core": core, "openblas_threads": blas_threads,
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS", ""),
         "openblas_num_threads_env": os.environ.get("OPENBLAS_NUM_THREADS", ""),
