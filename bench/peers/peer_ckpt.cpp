@@ -7,7 +7,7 @@
 //       and prints a JSON line with the step times, the tape's peak bytes and peak RSS.
 //   peer_ckpt empty   prints the peak RSS of a process that does nothing (the baseline).
 //
-// Model options: --model mlp|lora --depth L --width W --batch N --rank R --alpha A --seed S;
+// Model options: --model mlp|lora|lora_res --depth L --width W --batch N --rank R --alpha A --seed S;
 // export also takes --policies a,b,c (default: all of the model's).
 //
 // Files: NumPy .npy version 1.0, little-endian float32 ('<f4'), fortran_order True, 2-D: a
@@ -36,6 +36,10 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
+
+// OpenBLAS's own (weak: null when the BLAS is another one).
+extern "C" int openblas_get_num_threads(void) __attribute__((weak));
+extern "C" char* openblas_get_corename(void) __attribute__((weak));
 
 namespace fs = std::filesystem;
 using peers::Mat;
@@ -132,6 +136,7 @@ step_fn<Model> policy_step(const std::string& p) {
 
 std::vector<std::string> policies_of(const std::string& model) {
   if (model == "lora") return {"none", "per_block", "every4", "sqrt_n", "binomial4"};
+  if (model == "lora_res") return {"none", "per_block", "sqrt_n", "binomial4"};
   return {"none", "every4", "sqrt_n", "binomial4", "selective_matmul"};
 }
 
@@ -170,7 +175,8 @@ options parse(int argc, char** argv) {
     else if (k == "--reps") o.reps = std::stoi(v);
     else throw std::runtime_error("unknown option " + k);
   }
-  if (o.cfg.model != "mlp" && o.cfg.model != "lora") throw std::runtime_error("--model must be mlp or lora");
+  if (o.cfg.model != "mlp" && o.cfg.model != "lora" && o.cfg.model != "lora_res")
+    throw std::runtime_error("--model must be mlp, lora or lora_res");
   return o;
 }
 
@@ -225,15 +231,16 @@ void print_common(std::FILE* out, const peers::config& c) {
   std::fprintf(out,
                "\"side\": \"ckpt\", \"model\": \"%s\", \"depth\": %d, \"width\": %d, \"batch\": %d, \"rank\": %d, "
                "\"gemm_engine\": \"%s\", \"eigen_threads\": %d, \"openmp\": %s, \"omp_num_threads_env\": \"%s\", "
-               "\"openblas_num_threads_env\": \"%s\"",
-               c.model.c_str(), c.depth, c.width, c.batch, c.model == "lora" ? c.rank : 0, ckpt::backend::cpu::gemm_engine(),
+               "\"openblas_num_threads_env\": \"%s\", \"openblas_threads\": %d, \"openblas_core\": \"%s\"",
+               c.model.c_str(), c.depth, c.width, c.batch, c.model != "mlp" ? c.rank : 0, ckpt::backend::cpu::gemm_engine(),
                Eigen::nbThreads(),
 #if defined(_OPENMP)
                "true",
 #else
                "false",
 #endif
-               env_or("OMP_NUM_THREADS", "").c_str(), env_or("OPENBLAS_NUM_THREADS", "").c_str());
+               env_or("OMP_NUM_THREADS", "").c_str(), env_or("OPENBLAS_NUM_THREADS", "").c_str(),
+               openblas_get_num_threads ? openblas_get_num_threads() : 0, openblas_get_corename ? openblas_get_corename() : "");
 }
 
 // ------------------------------------------------------------------ modes
@@ -350,7 +357,9 @@ int main(int argc, char** argv) {
     } else if (o.mode != "export") {
       throw std::runtime_error("unknown mode " + o.mode + " (export, time, empty)");
     }
-    return o.cfg.model == "lora" ? dispatch<peers::lora>(o) : dispatch<peers::mlp>(o);
+    if (o.cfg.model == "lora") return dispatch<peers::lora>(o);
+    if (o.cfg.model == "lora_res") return dispatch<peers::lora_res>(o);
+    return dispatch<peers::mlp>(o);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "peer_ckpt: %s\n", e.what());
     return 1;

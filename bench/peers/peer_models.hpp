@@ -4,6 +4,8 @@
 //   mlp:  L layers h <- relu(W_i h + b_i), W_i: w x w, b_i: w x 1, all trainable (as bench_checkpoint)
 //   lora: L blocks h <- relu(W_i h + s B_i (A_i h) + b_i), W_i, b_i frozen, A_i: r x w, B_i: w x r
 //         trainable, s = alpha / r (nn::LoRALinear)
+//   lora_res: bench_lora's stack: L residual blocks h <- h + fc2_i(relu(fc1_i(h))), fc1_i and
+//         fc2_i nn::LoRALinear (frozen W, b; trainable A, B); layer 2i is fc1_i, 2i+1 fc2_i
 //   loss: mean(h_L^2) over all w x n entries; x: w x n (features x batch, column-major)
 //
 // Initialisation (std::mt19937_64, uniform): W_i ~ U(-a, a) with a = sqrt(6 / w) (He: keeps
@@ -13,6 +15,8 @@
 // cross-check would compare nothing. bench_checkpoint's U(-1/sqrt(w), 1/sqrt(w)) weights shrink
 // the gradient by ~0.4 per layer, so at depth 256 the first layers' gradients underflow to
 // zero/denormals; the He bound keeps every gradient in float's normal range.
+// lora_res follows bench_lora instead: W, b, A ~ U(-1/sqrt(w), 1/sqrt(w)) (nn::Linear's and
+// LoRALinear's own bounds), B ~ U(-0.05, 0.05), alpha = 2 r.
 //
 // Kink margin: relu's derivative jumps at 0, so two correct float implementations whose sums
 // round differently can disagree on one mask bit when a pre-activation lies within rounding
@@ -44,7 +48,7 @@ inline Mat uniform(int rows, int cols, double bound, std::mt19937_64& gen) {
 }
 
 struct config {
-  std::string model = "mlp";  // "mlp" or "lora"
+  std::string model = "mlp";  // "mlp", "lora" or "lora_res"
   int depth = 64, width = 256, batch = 64, rank = 8;
   double alpha = 16.0;
   std::uint64_t seed = 1;
@@ -74,6 +78,16 @@ struct init_values {
     init_values v;
     const int w = c.width;
     v.x = uniform(w, c.batch, 1.0, gen);
+    if (c.model == "lora_res") {
+      const double k = 1.0 / std::sqrt(double(w));
+      for (int i = 0; i < 2 * c.depth; ++i) {
+        v.W.push_back(uniform(w, w, k, gen));
+        v.b.push_back(uniform(w, 1, k, gen));
+        v.A.push_back(uniform(c.rank, w, k, gen));
+        v.B.push_back(uniform(w, c.rank, 0.05, gen));
+      }
+      return v;
+    }
     for (int i = 0; i < c.depth; ++i) {
       v.W.push_back(uniform(w, w, std::sqrt(6.0 / w), gen));
       v.b.push_back(uniform(w, 1, 0.1, gen));
@@ -89,11 +103,16 @@ struct init_values {
   int keep_off_kinks(const config& c) {
     using MatD = Eigen::MatrixXd;
     const double s = static_cast<double>(static_cast<float>(c.alpha / c.rank));
+    const bool residual = c.model == "lora_res";
+    auto linear = [&](std::size_t i, const MatD& v) -> MatD {  // without the bias
+      MatD z = W[i].cast<double>() * v;
+      if (!A.empty()) z += s * (B[i].cast<double>() * (A[i].cast<double>() * v));
+      return z;
+    };
     MatD h = x.cast<double>();
     int nudged = 0;
-    for (std::size_t i = 0; i < W.size(); ++i) {
-      MatD z = W[i].cast<double>() * h;
-      if (!A.empty()) z += s * (B[i].cast<double>() * (A[i].cast<double>() * h));
+    for (std::size_t i = 0; i < W.size(); i += residual ? 2 : 1) {
+      MatD z = linear(i, h);
       const double delta = kink_margin * (z.cwiseAbs().maxCoeff() + 1.0 /* covers b */);
       for (int f = 0; f < z.rows(); ++f) {
         const double b0 = b[i](f, 0);
@@ -109,7 +128,13 @@ struct init_values {
         b[i](f, 0) = bf;
       }
       z.colwise() += b[i].cast<double>().col(0);
-      h = z.cwiseMax(0.0);
+      if (residual) {  // h + fc2(relu(z)); no relu after the sum
+        MatD y = linear(i + 1, z.cwiseMax(0.0));
+        y.colwise() += b[i + 1].cast<double>().col(0);
+        h += y;
+      } else {
+        h = z.cwiseMax(0.0);
+      }
     }
     return nudged;
   }
@@ -161,6 +186,27 @@ struct lora {
   std::vector<std::pair<std::string, const ckpt::Parameter<float>*>> trainable();
 };
 
+/// bench_lora's residual LoRA block stack.
+struct lora_res {
+  std::vector<ckpt::nn::LoRALinear<float>> fc;  // fc1 of block 0, fc2 of block 0, fc1 of block 1, ...
+  Mat x;
+  template <class Get>
+  lora_res(const config& c, Get&& get) : x(get("x", 0)) {
+    fc.reserve(2 * static_cast<std::size_t>(c.depth));
+    for (int i = 0; i < 2 * c.depth; ++i) {
+      fc.emplace_back(get("W", i), get("b", i), c.rank, c.alpha, 0);
+      fc.back().A().value() = get("A", i);
+      fc.back().B_matrix().value() = get("B", i);
+    }
+  }
+  void zero_grad() {
+    for (auto& l : fc) l.zero_grad();
+  }
+  std::size_t depth() const { return fc.size() / 2; }
+  ckpt::Var<float> layer(std::size_t i, const ckpt::Var<float>& h) { return h + fc[2 * i + 1](ckpt::relu(fc[2 * i](h))); }
+  std::vector<std::pair<std::string, const ckpt::Parameter<float>*>> trainable();
+};
+
 inline std::string indexed(const char* stem, std::size_t i) {
   char buf[64];
   std::snprintf(buf, sizeof buf, "%s_%03zu", stem, i);
@@ -171,6 +217,13 @@ inline std::vector<std::pair<std::string, const ckpt::Parameter<float>*>> mlp::t
   std::vector<std::pair<std::string, const ckpt::Parameter<float>*>> t;
   for (std::size_t i = 0; i < W.size(); ++i) t.emplace_back(indexed("W", i), &W[i]);
   for (std::size_t i = 0; i < b.size(); ++i) t.emplace_back(indexed("b", i), &b[i]);
+  return t;
+}
+
+inline std::vector<std::pair<std::string, const ckpt::Parameter<float>*>> lora_res::trainable() {
+  std::vector<std::pair<std::string, const ckpt::Parameter<float>*>> t;
+  for (std::size_t i = 0; i < fc.size(); ++i) t.emplace_back(indexed("A", i), &fc[i].A());
+  for (std::size_t i = 0; i < fc.size(); ++i) t.emplace_back(indexed("B", i), &fc[i].B_matrix());
   return t;
 }
 
