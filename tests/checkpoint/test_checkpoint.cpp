@@ -2,8 +2,9 @@
 // two written here), in float and double, the loss and every gradient (inputs and parameters)
 // are bit for bit those of policy::none, on an MLP stack (layers form), the loop form over 50
 // steps, checkpoints nested three deep, dropout inside segments, segments with several inputs
-// and outputs (tuple and array returns, a pass-through output), a parameter shared by every
-// segment, and segments that capture outer Vars instead of receiving them.
+// and outputs (tuple and array returns, a pass-through output, a parameter's Var as an
+// output), a parameter shared by every segment, and segments that capture outer Vars instead
+// of receiving them.
 //
 // The other checkpoint suites: test_checkpoint_property.cpp (10,000 random programs) and
 // test_checkpoint_schedule.cpp (memory bounds, step counts, errors, selective saving, report).
@@ -289,6 +290,31 @@ TEST_CASE_TEMPLATE("every policy: segments with several inputs and outputs have 
   body.inner = true;
   check_every_policy<T>(body, reference, inputs, params, "several inputs and outputs", true);
 
+  SUBCASE("an output that is a parameter's Var: its gradient adds to what the parameter has") {
+    // P is returned by the segment, used after it, and used directly too; two steps accumulate
+    // into P's gradient without zero_grad in between.
+    Parameter<T> P = random_parameter<T>(3, 3, 44, 0.7);
+    auto grads = [&](bool with_checkpoint) {
+      P.zero_grad();
+      std::vector<MatT<T>> r;
+      for (int step = 0; step < 2; ++step) {
+        Tape<T> tape;
+        const Var<T> x = tape.variable(random_t<T>(3, 2, 45));
+        auto segment = [&tape, &P](const Var<T>& a) {
+          const Var<T> w = tape.param(P);
+          return std::pair<Var<T>, Var<T>>{Var<T>(tanh(matmul(w, a))), w};
+        };
+        const auto [y, w] = with_checkpoint ? checkpoint("returns P", segment, x) : segment(x);
+        const Var<T> loss = Var<T>(sum(matmul(w, y))) + sum(matmul(P, x));
+        tape.backward(loss);
+        r.push_back(tape.grad(x));
+      }
+      r.push_back(P.grad());
+      return r;
+    };
+    const auto plain = grads(false), checkpointed = grads(true);
+    for (std::size_t i = 0; i < plain.size(); ++i) CHECK(same_bits(plain[i], checkpointed[i]));
+  }
   SUBCASE("a pass-through output is the input itself; a tuple output is a boundary") {
     Tape<T> tape;
     const Var<T> h = tape.variable(random_t<T>(3, 2, 7)), c = tape.variable(random_t<T>(3, 2, 8));

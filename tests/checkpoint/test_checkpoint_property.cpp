@@ -2,10 +2,10 @@
 // a fixed seed, are run twice -- once with no checkpoint anywhere, once with random ranges of
 // ops wrapped in checkpoint() calls, nested to a random depth, with random save predicates
 // (nothing, matrix products, a tag, both), random inputs vs captured outer Vars, random output
-// forms (Var, pair, vector; pass-through and dead outputs) and chains of steps run by
-// sequential<P> under a random policy -- and the loss and every gradient (inputs and
-// parameters) must be equal bit for bit, in float and in double. A subset is checked against
-// central finite differences as well.
+// forms (Var, pair, vector; pass-through, dead and parameter outputs) and chains of steps run
+// by sequential<P> under a random policy -- and the loss, every gradient (inputs and
+// parameters) and the retained values of the loss terms must be equal bit for bit, in float
+// and in double. A subset is checked against central finite differences as well.
 //
 // CKPT_PROPERTY_PROGRAMS=<n> runs n programs instead of 10,000 (e.g. a long soak run);
 // CKPT_PROPERTY_FIRST=<k> starts at program k (to replay one that failed: its number and seed
@@ -52,6 +52,7 @@ enum class opk : std::uint8_t {
   concat,
   const_mul,  // a ⊙ C with C a constant recorded where the op runs (inside a segment, too)
   residual,   // a * 0.5 + tanh(b)
+  param_var,  // tape.param(P) itself (a parameter's Var, made where the op runs; a is not read)
   chain,      // sequential<policy>(steps, step body, a), the step capturing outer values
 };
 
@@ -272,7 +273,12 @@ struct generator {
         o.i0 = static_cast<int>(rng.next() % 100000);
         return push(bd, o, sa);
       }
-      if (k < 96) {
+      if (k < 93) {
+        o.kind = opk::param_var;
+        o.p = param_of({rng.between(1, 4), rng.between(1, 4)});
+        return push(bd, o, prog.params[static_cast<std::size_t>(o.p)]);
+      }
+      if (k < 97) {
         o.kind = opk::residual;
         o.b = pick_where(bd, [&](shape s) { return s == sa; });
         return push(bd, o, sa);
@@ -472,6 +478,7 @@ const char* op_name(const op& o) {
     case opk::concat: return "concat_rows";
     case opk::const_mul: return "const_mul";
     case opk::residual: return "residual";
+    case opk::param_var: return "param";
     case opk::chain: return "chain";
   }
   return "?";
@@ -603,6 +610,7 @@ struct machine {
       case opk::concat: y = concat_rows({a, b}); break;
       case opk::const_mul: y = a * t.constant(random_t<T>(a.rows(), a.cols(), static_cast<std::uint64_t>(o.i0))); break;
       case opk::residual: y = o.b >= 0 ? Var<T>(a * T(0.5) + tanh(b)) : Var<T>(a * T(0.5) + tanh(a)); break;
+      case opk::param_var: y = t.param(P(o.p)); break;
       case opk::chain: y = run_chain(o, e); break;
     }
     if (o.tag_t) tag(y, "t");
@@ -771,11 +779,15 @@ run_result<T> run_program(const random_program& p, const program_data& d, bool c
   run_result<T> r;
   r.loss = loss.value();
   if (!with_grad) return r;
+  // The loss terms are retained: their values (boundaries, some of them) must survive backward.
+  for (int v : p.main.results) t.retain(e[static_cast<std::size_t>(v)]);
   t.backward(loss);
   for (std::size_t i = 0; i < p.inputs.size(); ++i)
     if (!p.constant[i]) r.grads.push_back(t.grad(e[i]));
   for (std::size_t i = 0; i < params.size(); ++i)
     if (!p.frozen[i]) r.grads.push_back(params[i].grad());
+  // after the gradients (finite_difference_error reads those in this order), compared the same way
+  for (int v : p.main.results) r.grads.push_back(e[static_cast<std::size_t>(v)].value());
   r.counters = t.counters();
   r.peak_bytes = t.peak_bytes();
   // What ops' outputs still hold after backward (leaves -- inputs, constants -- left out: a

@@ -236,6 +236,11 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
   std::vector<detail::taken_value> taken;
   std::vector<std::uint32_t> out_offset;
   std::vector<std::uint32_t> uses;
+  struct parameter_output {
+    std::size_t k;
+    detail::node<T> n;
+  };
+  std::vector<parameter_output> parameter_outs;
   {
     struct restore {
       Tape<T, B>& t;
@@ -276,9 +281,17 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
       const auto& n = t.node(i);
       if (n.value && n.has(detail::replayable) && !n.has(detail::released) && detail::saves<Save>(n)) take(i, true);
     }
-    for (const auto& o : outs) {
+    for (std::size_t k = 0; k < outs.size(); ++k) {
+      const auto& o = outs[k];
+      const auto& n = t.node(o.index());
       if (o.index() < p.nodes) {
         out_offset.push_back(detail::no_node);
+      } else if (n.kind == op_kind::leaf && n.adjoint && !n.has(detail::owns_adjoint)) {
+        // A parameter's Var (tape.param) made inside: handed on as a parameter node, so that
+        // what flows into it goes straight to the parameter's gradient. (As a boundary, the
+        // re-trace would copy the boundary's adjoint over that gradient.)
+        out_offset.push_back(detail::no_node);
+        parameter_outs.push_back({k, n});
       } else {
         out_offset.push_back(o.index() - p.nodes);
         take(o.index(), false);
@@ -330,6 +343,12 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
   new_outs.reserve(outs.size());
   for (std::size_t k = 0; k < outs.size(); ++k)
     new_outs.push_back(out_offset[k] == detail::no_node ? outs[k] : t.var_of(node_for_offset(out_offset[k])));
+  for (const auto& po : parameter_outs) {  // as Tape::param() makes them
+    const std::uint32_t i = t.new_node(po.n.dims, po.n.op, op_kind::leaf, static_cast<std::uint8_t>(po.n.flags & detail::requires_grad), false);
+    t.node(i).value = po.n.value;
+    t.node(i).adjoint = po.n.adjoint;
+    new_outs[po.k] = t.var_of(i);
+  }
 
   if (grad) {
     using entry = detail::checkpoint_entry<T, B, Seg, N>;
@@ -351,7 +370,7 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
     auto* oo = t.template make_array<std::uint32_t>(outs.size());
     for (std::size_t k = 0; k < outs.size(); ++k) {
       oo[k] = out_offset[k];
-      on[k] = out_offset[k] == detail::no_node ? outs[k].index() : new_outs[k].index();
+      on[k] = new_outs[k].index();
     }
     auto* us = t.template make_array<std::uint32_t>(uses.size());
     std::copy(uses.begin(), uses.end(), us);
