@@ -221,10 +221,13 @@ gathered_parts<T, B> gather_parts(std::span<const Var<T, B>> parts, const char* 
   gathered_parts<T, B> g;
   g.tape = parts[0].tape();
   g.refs.reserve(parts.size());
-  const shape first = parts[0].dims();
-  g.out = stack_rows ? shape{0, first.cols} : shape{first.rows, 0};
+  shape first;  // taken from the first part once resolve() has validated it ("<op>: the Var is empty")
   for (const auto& p : parts) {
     auto r = resolve(p, op);
+    if (g.refs.empty()) {
+      first = r.ref.dims;
+      g.out = stack_rows ? shape{0, first.cols} : shape{first.rows, 0};
+    }
     g.tape = expr::common_tape(g.tape, r.tape, op);
     if (stack_rows ? r.ref.dims.cols != first.cols : r.ref.dims.rows != first.rows) {
       std::string shapes;
