@@ -107,8 +107,8 @@ sizes measure(equal_layers<T>& m) {
 //   - the loss's value and adjoint (1x1 each, a pool-rounded buffer each).
 // So c_a = (x + 2 b + loss) / a, with b the bytes of one layer's output and a of one layer's
 // activations (2 b here). With none and every<K> the bound is attained exactly (every<K>:
-// peak = floor((L-1)/K) b + min(K, L) a + c_a a for all L up to 200 and K in {1,...,16}, checked
-// while writing this test), so no smaller constant holds.
+// peak = floor((L-1)/K) b + min(K, L) a + c_a a for all L up to 200 and K in {1, 2, 3, 4, 7, 16},
+// checked while writing this test), so no smaller constant holds.
 //
 // binomial<S> holds at most S + 1 boundary tensors (S snapshots and the input of the last step,
 // the one being recorded) and, for each of them, possibly its adjoint: along the nest of
