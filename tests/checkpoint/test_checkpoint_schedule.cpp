@@ -545,6 +545,20 @@ TEST_CASE("errors: a segment whose re-trace records other ops throws checkpoint_
     CHECK(message.find("checkpoint 'model'") != std::string::npos);
     CHECK(message.find("forward recorded 'tanh' 3x2, re-trace recorded 'sigmoid' 3x2") != std::string::npos);
   }
+  SUBCASE("inside a nested checkpoint's forward run, at a value the enclosing one kept") {
+    // The inner segment's boundary (a kept value and an output, same shapes either way) is all
+    // the outer signature lists; the kept value's own check catches the branch inside.
+    auto inner = [&mode](const V& a) -> V {
+      const V k = keep(mode == 0 ? V(tanh(a)) : V(sigmoid(a)));
+      return k * a;
+    };
+    const V y = checkpoint("outer", [inner](const V& a) -> V { return exp(checkpoint("inner", inner, a)); }, x);
+    mode = 1;
+    message = retrace_error(t, sum(y));
+    CHECK(message.find("checkpoint 'outer'") != std::string::npos);
+    CHECK(message.find("inside a nested checkpoint, the re-trace recorded 'sigmoid' 3x2 where the forward computed the kept value 'tanh' 3x2") !=
+          std::string::npos);
+  }
   INFO(message);
   CHECK(message.find("does it branch on mutable state?") != std::string::npos);
   t.reset();
@@ -649,6 +663,32 @@ TEST_CASE("selective: save::matmul replays the products, save::tagged only tagge
     CHECK(t.counters().nodes_retraced == 4);
     CHECK(t.counters().nodes_replayed == 2);
     CHECK(t.counters().gemms == 2 + 4);  // forward 2, backward 4, none redone
+  }
+  SUBCASE("nested checkpoints: what the inner one keeps, the outer one keeps too") {
+    // outer = [inner = [layer 0, its product kept], layer 1]. When outer re-traces, inner runs
+    // forward again: it replays the product that outer kept of inner's boundary instead of
+    // recomputing it, and so does inner's own re-trace. GEMMs: 2 forward, then layer 1's
+    // product again, 2 + 2 backward; layer 0's product never again.
+    auto& p = net.m.params;
+    auto layer0 = [&p](const V& h) -> V { return tanh(keep(matmul(p[0], h)) + p[1]); };
+    auto layer1 = [&p](const V& h) -> V { return tanh(matmul(p[2], h) + p[3]); };
+    auto run = [&](bool checkpointed) {
+      for (auto& q : p) q.zero_grad();
+      Tape<double> t;
+      const V x = t.variable(net.m.x0);
+      const V y = checkpointed ? checkpoint("outer", [&](const V& h) -> V { return layer1(checkpoint("inner", layer0, h)); }, x)
+                               : layer1(layer0(x));
+      t.backward(sum(y));
+      equal_layers<double>::figures f;
+      f.counters = t.counters();
+      f.grads = {t.grad(x), p[0].grad(), p[1].grad(), p[2].grad(), p[3].grad()};
+      return f;
+    };
+    const auto plain = run(false), nested = run(true);
+    check_same(plain, nested);
+    CHECK(plain.counters.gemms == 2 + 4);
+    CHECK(nested.counters.gemms == 2 + 1 + 4);
+    CHECK(nested.counters.nodes_replayed == 2);
   }
 }
 

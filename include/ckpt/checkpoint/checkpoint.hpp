@@ -114,17 +114,17 @@ struct checkpoint_entry {
   const char* name;
   const signature_item* signature;
   std::uint32_t signature_size;
-  const std::uint32_t* saved_offset;  // sorted; offsets from the re-trace's first node
+  const std::uint32_t* saved_offset;  // sorted stream offsets (see retrace_state)
   T* const* saved_value;
+  const signature_item* saved_item;
   std::uint32_t saved_count;
   const std::uint32_t* output_node;    // outer boundary node, or the input itself for a pass-through
   const std::uint32_t* output_offset;  // offset in the re-trace, or no_node for a pass-through
+  const bool* output_replayed;         // the re-trace replays the output's value (it is also kept)
   std::uint32_t output_count;
   const std::uint32_t* uses;  // outer nodes the segment reads whose adjoints it adds into
   std::uint32_t use_count;
   std::uint64_t rng;
-
-  bool is_saved(std::uint32_t offset) const { return std::binary_search(saved_offset, saved_offset + saved_count, offset); }
 
   void backward(Tape<T, B>& t) const {
     bool any = false;
@@ -136,7 +136,7 @@ struct checkpoint_entry {
     // re-trace needs memory, unless the re-trace replays them.
     for (std::uint32_t k = 0; k < output_count; ++k) {
       auto& n = t.node(output_node[k]);
-      if (output_offset[k] != no_node && !is_saved(output_offset[k]) && !n.has(retained) && n.has(owns_value)) {
+      if (output_offset[k] != no_node && !output_replayed[k] && !n.has(retained) && n.has(owns_value)) {
         t.pool().release(n.value, Tape<T, B>::bytes_of(n.dims));
         n.value = nullptr;
         n.flags = static_cast<std::uint8_t>(n.flags & ~owns_value);
@@ -144,7 +144,8 @@ struct checkpoint_entry {
     }
 
     const ckpt::position m = t.position();
-    retrace_state<T> r{name, m.nodes, signature, signature_size, saved_offset, saved_value, saved_count, 0};
+    retrace_state<T> r{name, m.nodes, signature, signature_size, saved_offset, saved_value, saved_item, saved_count, 0,
+                       t.stream_position(), 0};
     struct restore {
       Tape<T, B>& t;
       ckpt::position m;
@@ -198,10 +199,15 @@ struct checkpoint_entry {
 
 struct taken_value {
   std::uint32_t offset;  // from the segment's first node
+  std::uint32_t stream;  // the value's origin, as a stream offset from the segment's start
+  signature_item computed_by;  // the op that computed it (a nested checkpoint's inside, maybe)
+  op_kind source;
+  const char* tag;
   shape dims;
   void* value;
   bool owned;
   bool requires_grad;
+  bool replayable;
   bool selected;  // chosen by the save predicate: the re-trace replays it
 };
 
@@ -241,6 +247,7 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
     detail::node<T> n;
   };
   std::vector<parameter_output> parameter_outs;
+  std::uint32_t stream0 = 0;  // the stream position where the segment's forward starts
   {
     struct restore {
       Tape<T, B>& t;
@@ -250,13 +257,17 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
       detail::retrace_state<T>* retrace;
       ~restore() {
         t.set_segment_base(base);
-        t.set_retrace(retrace);
+        if (retrace) --retrace->nested_forwards;
         t.outer_uses().resize(uses_begin);
         t.reset_to(p);  // frees the inside; the stolen buffers survive
       }
     } on_exit{t, p, scope.uses_begin, outer_base, outer_retrace};
     t.set_segment_base(p.nodes);
-    t.set_retrace(nullptr);  // a forward run is never a re-trace, even inside one
+    // Inside an enclosing re-trace, this forward run records an inside that the enclosing
+    // signature does not list, but it still takes the values the enclosing checkpoint kept
+    // (by stream position): what a nested checkpoint kept is never recomputed either.
+    if (outer_retrace) ++outer_retrace->nested_forwards;
+    stream0 = t.stream_position();
 
     const Seg& seg = segment;
     result_type result = detail::invoke_segment(seg, inputs, std::make_index_sequence<N>{});
@@ -275,7 +286,11 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
       auto& n = t.node(i);
       const bool owned = n.has(detail::owns_value);
       void* v = owned ? t.steal_value(i) : n.value;
-      taken.push_back({i - p.nodes, n.dims, v, owned, n.has(detail::requires_grad), selected});
+      // A value a nested checkpoint handed over names the op that computed it; otherwise that
+      // op is the node's own.
+      const detail::signature_item by = n.computed_by ? *n.computed_by : detail::signature_item{n.op, n.dims, n.form};
+      taken.push_back({i - p.nodes, n.origin - stream0, by, n.source, n.tag, n.dims, v, owned, n.has(detail::requires_grad),
+                       n.has(detail::replayable), selected});
     };
     for (std::uint32_t i = p.nodes; i < end; ++i) {
       const auto& n = t.node(i);
@@ -319,6 +334,10 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
   // New nodes: the kept values, then the boundary outputs, all owned by this entry.
   const std::uint32_t begin = static_cast<std::uint32_t>(t.node_count());
   std::vector<std::uint32_t> node_of(taken.size());
+  // What computed each kept value, for the nodes that hold it: an enclosing checkpoint keeps
+  // and replays them by it (lives in the record arena as long as those nodes).
+  auto* computed_by = t.template make_array<detail::signature_item>(taken.size());
+  for (std::size_t j = 0; j < taken.size(); ++j) computed_by[j] = taken[j].computed_by;
   for (std::size_t j = 0; j < taken.size(); ++j) {
     const auto& tv = taken[j];
     const bool is_output = std::find(out_offset.begin(), out_offset.end(), tv.offset) != out_offset.end();
@@ -331,7 +350,13 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
                                                          (is_output && tv.requires_grad ? detail::requires_grad : 0));
     const std::uint32_t i = t.new_node(tv.dims, is_output ? name : "checkpoint.saved",
                                        is_output ? op_kind::boundary : op_kind::saved, flags, false);
-    t.node(i).value = static_cast<T*>(tv.value);
+    auto& n = t.node(i);
+    n.value = static_cast<T*>(tv.value);
+    n.origin = stream0 + tv.stream;
+    n.source = tv.source;
+    n.tag = tv.tag;
+    n.computed_by = &computed_by[j];
+    if (tv.replayable) n.flags |= detail::replayable;  // after new_node: its own creation replays nothing
     node_of[j] = i;
   }
   auto node_for_offset = [&](std::uint32_t off) {
@@ -355,29 +380,35 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
     const Seg* stored = t.keep_object(Seg(std::forward<Segment>(segment)));
     auto* sig = t.template make_array<typename entry::signature_item>(signature.size());
     std::copy(signature.begin(), signature.end(), sig);
-    // The values the re-trace replays, in offset order.
+    // The values the re-trace replays, in stream order (the order it computes them in).
     std::vector<std::size_t> order;
     for (std::size_t j = 0; j < taken.size(); ++j)
       if (node_of[j] != detail::no_node && taken[j].selected) order.push_back(j);
-    std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return taken[a].offset < taken[b].offset; });
+    std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return taken[a].stream < taken[b].stream; });
     auto* so = t.template make_array<std::uint32_t>(order.size());
     auto* sv = t.template make_array<T*>(order.size());
+    auto* si = t.template make_array<detail::signature_item>(order.size());
     for (std::size_t j = 0; j < order.size(); ++j) {
-      so[j] = taken[order[j]].offset;
+      so[j] = taken[order[j]].stream;
       sv[j] = static_cast<T*>(taken[order[j]].value);
+      si[j] = taken[order[j]].computed_by;
     }
     auto* on = t.template make_array<std::uint32_t>(outs.size());
     auto* oo = t.template make_array<std::uint32_t>(outs.size());
+    auto* orp = t.template make_array<bool>(outs.size());
     for (std::size_t k = 0; k < outs.size(); ++k) {
       oo[k] = out_offset[k];
       on[k] = new_outs[k].index();
+      orp[k] = false;
+      for (const std::size_t j : order)
+        if (taken[j].offset == out_offset[k]) orp[k] = true;
     }
     auto* us = t.template make_array<std::uint32_t>(uses.size());
     std::copy(uses.begin(), uses.end(), us);
     const auto* info = t.make(detail::segment_info{name, sig, static_cast<std::uint32_t>(signature.size()),
                                                    static_cast<std::uint32_t>(order.size())});
-    t.push_entry(entry{stored, inputs, name, sig, static_cast<std::uint32_t>(signature.size()), so, sv,
-                       static_cast<std::uint32_t>(order.size()), on, oo, static_cast<std::uint32_t>(outs.size()), us,
+    t.push_entry(entry{stored, inputs, name, sig, static_cast<std::uint32_t>(signature.size()), so, sv, si,
+                       static_cast<std::uint32_t>(order.size()), on, oo, orp, static_cast<std::uint32_t>(outs.size()), us,
                        static_cast<std::uint32_t>(uses.size()), rng0},
                  begin, info);
   }

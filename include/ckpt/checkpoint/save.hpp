@@ -83,7 +83,8 @@ namespace detail {
 template <SavePredicate Save, class T>
 bool saves(const node<T>& n) {
   if (n.tag != nullptr && std::string_view(n.tag) == keep_tag) return true;
-  return Save::save(node_info{n.kind, n.op, n.tag, n.dims});
+  // A value a nested checkpoint handed over is judged by the op that computed it.
+  return Save::save(node_info{n.source, n.computed_by ? n.computed_by->op : n.op, n.tag, n.dims});
 }
 }  // namespace detail
 

@@ -100,16 +100,31 @@ enum node_flag : std::uint8_t {
   replayable = 64, // its op can take a saved value instead of recomputing (selective policies)
 };
 
+/// One node of a recording's signature: what a checkpoint's re-trace must record again.
+struct signature_item {
+  const char* op;
+  shape dims;
+  const void* form = nullptr;
+};
+
 template <class T>
 struct node {
   T* value = nullptr;
   T* adjoint = nullptr;
   shape dims;
   std::uint32_t epoch = 0;
+  // Where the value was computed: the tape's creation count (stream position) when the op
+  // that computed it made its node. A value a checkpoint hands over to a boundary or saved
+  // node keeps the origin and the kind of the op that computed it, so that an enclosing
+  // checkpoint can keep it and replay it into that op when it re-traces.
+  std::uint32_t origin = 0;
   const char* tag = nullptr;  // a name given with ckpt::tag(); selective policies save by it
   const char* op = "";
   const void* form = nullptr;  // which fused expression an elementwise node is (see form_tag)
+  // For a value a checkpoint handed over: the op that computed it (null: the node's own op).
+  const signature_item* computed_by = nullptr;
   op_kind kind = op_kind::leaf;
+  op_kind source = op_kind::leaf;  // the kind of the op that computed the value (see origin)
   std::uint8_t flags = 0;
   bool has(node_flag f) const { return (flags & f) != 0; }
 };
@@ -119,13 +134,6 @@ struct node {
 /// branches inside one is caught instead of giving a silently wrong gradient.
 template <class E>
 inline constexpr char form_tag = 0;
-
-/// One node of a recording's signature: what a checkpoint's re-trace must record again.
-struct signature_item {
-  const char* op;
-  shape dims;
-  const void* form = nullptr;
-};
 
 /// What a checkpoint entry tells the tape report about its segment.
 struct segment_info {
@@ -145,8 +153,16 @@ struct entry {
 };
 
 /// State of a checkpointed segment while it re-traces: the forward's signature to compare
-/// against and the values the forward kept (selective policies). Owned by the checkpoint code;
-/// the tape only consults it when a node is created.
+/// against and the values the forward kept (selective policies, keep()). Owned by the
+/// checkpoint code; the tape only consults it when a node is created.
+///
+/// Two ways to count the nodes the re-trace creates:
+/// - the signature covers the segment's own recording, as its forward left it: node indices
+///   from `base`. A nested checkpoint's forward run inside the re-trace records and rolls back
+///   an inside of its own, which the signature does not list (`nested_forwards` > 0 then);
+/// - kept values are keyed by stream position (creations counted from `stream_base`, roll-backs
+///   notwithstanding), which names every node the segment's forward created, nested insides
+///   included: so a nested checkpoint's forward run replays what the enclosing one kept.
 template <class T>
 struct retrace_state {
   using signature_item = detail::signature_item;
@@ -154,10 +170,13 @@ struct retrace_state {
   std::uint32_t base = 0;                 // node index where the re-trace starts
   const signature_item* signature = nullptr;
   std::uint32_t signature_size = 0;
-  const std::uint32_t* saved_index = nullptr;  // sorted offsets (from base) of kept values
+  const std::uint32_t* saved_index = nullptr;  // sorted stream offsets (from stream_base) of kept values
   T* const* saved_value = nullptr;
+  const signature_item* saved_item = nullptr;  // what computed each kept value (op, shape, form)
   std::uint32_t saved_count = 0;
   std::uint32_t next_saved = 0;
+  std::uint32_t stream_base = 0;      // the tape's stream position where the re-trace starts
+  std::uint32_t nested_forwards = 0;  // nested checkpoints running their forward inside it
 };
 
 /// A reference from an entry to one operand: a tape node, or a parameter's external buffers.
@@ -341,6 +360,7 @@ class Tape {
     rng_counter_ = 0;
     pool_.reset_peak();
     counters_ = {};
+    created_ = 0;
   }
 
   // ---------------------------------------------------------------- figures
@@ -398,13 +418,15 @@ class Tape {
   /// Creates a node with a fresh value buffer (or a saved one when a re-trace replays it).
   std::uint32_t new_node(shape s, const char* op, op_kind kind, std::uint8_t flags, bool allocate = true,
                          const void* form = nullptr) {
-    if (retrace_) check_retrace(s, op, form);
+    if (retrace_ && retrace_->nested_forwards == 0) check_retrace(s, op, form);
     node_type n;
     n.dims = s;
     n.epoch = epoch_;
+    n.origin = created_++;
     n.op = op;
     n.form = form;
     n.kind = kind;
+    n.source = kind;
     n.flags = flags;
     if (retrace_depth_) ++counters_.nodes_retraced;
     if (retrace_ && (flags & detail::replayable) && take_saved(n)) {
@@ -496,6 +518,8 @@ class Tape {
   const node_type& node(std::uint32_t i) const { return nodes_[i]; }
   const std::vector<node_type>& nodes() const { return nodes_; }
   const std::vector<entry_type>& entries() const { return entries_; }
+  /// Nodes created since the last reset(), roll-backs notwithstanding (see retrace_state).
+  std::uint32_t stream_position() const { return created_; }
   Var<T, B> var_of(std::uint32_t i) { return Var<T, B>(this, i, nodes_[i].epoch); }
   buffer_pool<B>& pool() { return pool_; }
   static std::size_t bytes_of(shape s) { return static_cast<std::size_t>(s.size()) * sizeof(T); }
@@ -606,8 +630,16 @@ class Tape {
 
   bool take_saved(node_type& n) {
     detail::retrace_state<T>& r = *retrace_;
-    const std::uint32_t k = static_cast<std::uint32_t>(nodes_.size()) - r.base;
+    const std::uint32_t k = n.origin - r.stream_base;
+    while (r.next_saved < r.saved_count && r.saved_index[r.next_saved] < k) ++r.next_saved;
     if (r.next_saved < r.saved_count && r.saved_index[r.next_saved] == k) {
+      // The signature does not cover a nested checkpoint's inside: check here that the value
+      // replayed there is the one the forward computed at this point.
+      const detail::signature_item& want = r.saved_item[r.next_saved];
+      if (want.dims != n.dims || std::string_view(want.op) != n.op || want.form != n.form)
+        throw checkpoint_error(detail::cat("checkpoint '", r.segment_name, "': inside a nested checkpoint, the re-trace recorded '", n.op,
+                                           "' ", n.dims, " where the forward computed the kept value '", want.op, "' ", want.dims,
+                                           ". A segment must record the same ops on every call (does it branch on mutable state?)"));
       n.value = r.saved_value[r.next_saved++];
       return true;
     }
@@ -625,6 +657,7 @@ class Tape {
   std::uint32_t adjoint_guard_ = 0;
   detail::retrace_state<T>* retrace_ = nullptr;
   std::uint32_t retrace_depth_ = 0;
+  std::uint32_t created_ = 0;  // stream position: nodes created since reset()
   std::uint64_t seed_ = 0x5eed;
   std::uint64_t step_ = 0;
   std::uint64_t rng_counter_ = 0;
