@@ -288,6 +288,32 @@ TEST_CASE("reductions: sum, mean, mse, fused and broadcast operands") {
   }
 }
 
+TEST_CASE("reductions: a float sum over a million elements is correctly rounded from double, whatever the layout") {
+  // One float accumulator would be off by about 1e-4 relative here (the terms are all positive
+  // and small against the total); the reductions accumulate in double.
+  const shape s{1000, 1000};
+  Eigen::MatrixXf a(s.rows, s.cols);
+  std::mt19937 gen(5);
+  std::uniform_real_distribution<float> u(0.5f, 1.5f);
+  for (long i = 0; i < a.size(); ++i) a(i) = u(gen);
+  const Eigen::MatrixXf col = Eigen::MatrixXf::Constant(s.rows, 1, 0.25f);
+  double exact = 0, exact_b = 0;
+  for (long i = 0; i < a.size(); ++i) {
+    exact += static_cast<double>(a(i));
+    exact_b += static_cast<double>(a(i) + 0.25f);  // the fused expression's terms, in float
+  }
+  Tape<float> t;
+  const Var<float> x = t.variable(a), c = t.constant(col);
+  const float got = sum(x).item(), got_mean = mean(x).item(), got_b = sum(x + c).item();  // the last: broadcast, strided
+  CHECK(got == static_cast<float>(exact));
+  CHECK(got_mean == static_cast<float>(exact / static_cast<double>(a.size())));
+  CHECK(got_b == static_cast<float>(exact_b));
+  // A plain float loop is far off, so the checks above can tell the two apart.
+  float naive = 0;
+  for (long i = 0; i < a.size(); ++i) naive += a(i);
+  CHECK(std::abs(static_cast<double>(naive) - exact) / exact > 1e-6);
+}
+
 TEST_CASE("rowwise: softmax and log_softmax along the features") {
   std::uint64_t seed = 800;
   for (const shape s : test_shapes(8)) {

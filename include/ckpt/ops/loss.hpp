@@ -1,6 +1,7 @@
 // ckpt — cross-entropy with integer class labels (logits are classes x batch).
 #pragma once
 #include "ckpt/config.hpp"
+#include "ckpt/detail/accumulate.hpp"
 #include "ckpt/ops/operand.hpp"
 
 #include <algorithm>
@@ -55,16 +56,16 @@ auto cross_entropy(X&& logits, std::span<const int> labels) {
   const std::uint32_t begin = static_cast<std::uint32_t>(t.node_count());
   const std::uint32_t out = t.new_output({1, 1}, "cross_entropy", op_kind::reduction, x.ref.requires_grad);
   if (!t.is_replayed(out)) {
-    T total(0);
-    for (int j = 0; j < s.cols; ++j) {
-      const T* in = x.ref.value + static_cast<long>(j) * s.rows;
+    // The batch's terms are added in the order of detail/accumulate.hpp.
+    const auto total = detail::lane_sum<T>(s.cols, [&](long j) {
+      const T* in = x.ref.value + j * s.rows;
       T mx = -std::numeric_limits<T>::infinity();
       for (int i = 0; i < s.rows; ++i) mx = std::max(mx, in[i]);
       T sum(0);
       for (int i = 0; i < s.rows; ++i) sum += std::exp(in[i] - mx);
-      total += mx + std::log(sum) - in[labels[static_cast<std::size_t>(j)]];
-    }
-    t.node(out).value[0] = s.cols > 0 ? total / static_cast<T>(s.cols) : T(0);
+      return mx + std::log(sum) - in[labels[static_cast<std::size_t>(j)]];
+    });
+    t.node(out).value[0] = s.cols > 0 ? static_cast<T>(total / s.cols) : T(0);
   }
   if (x.ref.requires_grad) {
     int* stored = t.template make_array<int>(labels.size());

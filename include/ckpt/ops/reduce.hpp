@@ -1,7 +1,9 @@
 // ckpt — reductions to a 1x1 value: sum, mean, mean squared error. The reduced expression is
 // fused into the reduction's own loop (no temporary for `sum(square(a - b))`).
+// The additions go in the order of detail/accumulate.hpp.
 #pragma once
 #include "ckpt/config.hpp"
+#include "ckpt/detail/accumulate.hpp"
 #include "ckpt/expr/expression.hpp"
 #include "ckpt/expr/record.hpp"
 
@@ -44,14 +46,11 @@ auto record_reduce(const E& expression, const char* op, bool average) {
   const std::uint32_t begin = static_cast<std::uint32_t>(t->node_count());
   const std::uint32_t out = t->new_output({1, 1}, op, op_kind::reduction, grad, true, &form_tag<E>);
   if (!t->is_replayed(out)) {
-    T acc(0);
-    if (dense) {
-      for (long i = 0, n = s.size(); i < n; ++i) acc += e.at(i);
-    } else {
-      for (int c = 0; c < s.cols; ++c)
-        for (int r = 0; r < s.rows; ++r) acc += e.at(r, c);
-    }
-    const T v = acc * scale;
+    using A = accumulator_t<T>;
+    const A acc = dense ? lane_sum<T>(s.size(), [&e](long i) { return e.at(i); })
+                        : lane_sum<T>(s, [&e](int r, int c) { return e.at(r, c); });
+    const A average_scale = average ? (s.size() > 0 ? A(1) / static_cast<A>(s.size()) : A(0)) : A(1);
+    const T v = static_cast<T>(acc * average_scale);
     using Bk = typename E::backend_type;
     Bk::copy(t->node(out).value, &v, 1);
   }
