@@ -559,6 +559,19 @@ TEST_CASE("errors: a segment whose re-trace records other ops throws checkpoint_
     CHECK(message.find("inside a nested checkpoint, the re-trace recorded 'sigmoid' 3x2 where the forward computed the kept value 'tanh' 3x2") !=
           std::string::npos);
   }
+  SUBCASE("a nested checkpoint's inside records more ops, behind the same boundary") {
+    auto inner = [&mode](const V& a) -> V {
+      V u = tanh(a);
+      if (mode == 1) u = tanh(u);
+      return u * a;
+    };
+    const V y = checkpoint("outer", [inner](const V& a) -> V { return exp(checkpoint("inner", inner, a)); }, x);
+    mode = 1;
+    message = retrace_error(t, sum(y));
+    CHECK(message.find("checkpoint 'outer'") != std::string::npos);
+    CHECK(message.find("differs from the forward before entry #0 ('inner' 3x2): a nested checkpoint's segment recorded 1 op(s) more inside") !=
+          std::string::npos);
+  }
   INFO(message);
   CHECK(message.find("does it branch on mutable state?") != std::string::npos);
   t.reset();

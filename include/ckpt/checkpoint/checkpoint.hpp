@@ -114,6 +114,7 @@ struct checkpoint_entry {
   const char* name;
   const signature_item* signature;
   std::uint32_t signature_size;
+  std::uint32_t stream_size;  // nodes the forward's segment created, nested insides included
   const std::uint32_t* saved_offset;  // sorted stream offsets (see retrace_state)
   T* const* saved_value;
   const signature_item* saved_item;
@@ -173,6 +174,10 @@ struct checkpoint_entry {
     if (recorded != signature_size)
       throw checkpoint_error(cat("checkpoint '", name, "': the re-trace recorded ", recorded, " entries, the forward ", signature_size,
                                  ". A segment must record the same ops on every call (does it branch on mutable state?)"));
+    const std::uint32_t created = t.stream_position() - r.stream_base;
+    if (created != stream_size)
+      throw checkpoint_error(cat("checkpoint '", name, "': the re-trace created ", created, " nodes, nested checkpoints' insides included, the forward ",
+                                 stream_size, ". A segment must record the same ops on every call (does it branch on mutable state?)"));
     std::vector<Var<T, B>> outs;
     result_traits<std::remove_cvref_t<decltype(result)>>::collect(result, outs);
     if (outs.size() != output_count)
@@ -247,7 +252,8 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
     detail::node<T> n;
   };
   std::vector<parameter_output> parameter_outs;
-  std::uint32_t stream0 = 0;  // the stream position where the segment's forward starts
+  std::uint32_t stream0 = 0;      // the stream position where the segment's forward starts
+  std::uint32_t stream_size = 0;  // and how many nodes it created, nested insides included
   {
     struct restore {
       Tape<T, B>& t;
@@ -278,7 +284,11 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
 
     const std::uint32_t end = static_cast<std::uint32_t>(t.node_count());
     signature.reserve(end - p.nodes);
-    for (std::uint32_t i = p.nodes; i < end; ++i) signature.push_back({t.node(i).op, t.node(i).dims, t.node(i).form});
+    stream_size = t.stream_position() - stream0;
+    for (std::uint32_t i = p.nodes; i < end; ++i) {
+      const auto& n = t.node(i);
+      signature.push_back({n.op, n.dims, n.form, n.created - stream0});
+    }
 
     auto take = [&](std::uint32_t i, bool selected) {
       for (const auto& tv : taken)
@@ -331,9 +341,25 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
       for (const auto& tv : taken)
         if (tv.offset == out_offset[k]) grad = grad || tv.requires_grad;
 
+  // Until a taken value has a node (or is given back), it belongs to nobody: if anything below
+  // throws (the signature check of an enclosing re-trace on a new node can), the rest go back.
+  std::vector<char> settled(taken.size(), 0);
+  struct give_back_unsettled {
+    Tape<T, B>& t;
+    const std::vector<detail::taken_value>& taken;
+    const std::vector<char>& settled;
+    ~give_back_unsettled() {
+      for (std::size_t j = 0; j < taken.size(); ++j)
+        if (!settled[j] && taken[j].owned) t.pool().release(taken[j].value, Tape<T, B>::bytes_of(taken[j].dims));
+    }
+  } on_throw{t, taken, settled};
+  // Inside an enclosing segment (its forward or its re-trace), kept values get nodes even when
+  // nothing flows back through this one: the enclosing checkpoint may keep them in turn.
+  const bool inside = outer_base > 0 || outer_retrace != nullptr;
+
   // New nodes: the kept values, then the boundary outputs, all owned by this entry.
   const std::uint32_t begin = static_cast<std::uint32_t>(t.node_count());
-  std::vector<std::uint32_t> node_of(taken.size());
+  std::vector<std::uint32_t> node_of(taken.size(), detail::no_node);
   // What computed each kept value, for the nodes that hold it: an enclosing checkpoint keeps
   // and replays them by it (lives in the record arena as long as those nodes).
   auto* computed_by = t.template make_array<detail::signature_item>(taken.size());
@@ -341,15 +367,16 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
   for (std::size_t j = 0; j < taken.size(); ++j) {
     const auto& tv = taken[j];
     const bool is_output = std::find(out_offset.begin(), out_offset.end(), tv.offset) != out_offset.end();
-    if (!is_output && !grad) {  // nothing will re-trace: give the kept value back
+    if (!is_output && !grad && !inside) {  // nothing will re-trace: give the kept value back
+      settled[j] = 1;
       if (tv.owned) t.pool().release(tv.value, Tape<T, B>::bytes_of(tv.dims));
-      node_of[j] = detail::no_node;
       continue;
     }
     const std::uint8_t flags = static_cast<std::uint8_t>(detail::transient | (tv.owned ? detail::owns_value : 0) |
                                                          (is_output && tv.requires_grad ? detail::requires_grad : 0));
     const std::uint32_t i = t.new_node(tv.dims, is_output ? name : "checkpoint.saved",
                                        is_output ? op_kind::boundary : op_kind::saved, flags, false);
+    settled[j] = 1;
     auto& n = t.node(i);
     n.value = static_cast<T*>(tv.value);
     n.origin = stream0 + tv.stream;
@@ -407,7 +434,7 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
     std::copy(uses.begin(), uses.end(), us);
     const auto* info = t.make(detail::segment_info{name, sig, static_cast<std::uint32_t>(signature.size()),
                                                    static_cast<std::uint32_t>(order.size())});
-    t.push_entry(entry{stored, inputs, name, sig, static_cast<std::uint32_t>(signature.size()), so, sv, si,
+    t.push_entry(entry{stored, inputs, name, sig, static_cast<std::uint32_t>(signature.size()), stream_size, so, sv, si,
                        static_cast<std::uint32_t>(order.size()), on, oo, orp, static_cast<std::uint32_t>(outs.size()), us,
                        static_cast<std::uint32_t>(uses.size()), rng0},
                  begin, info);

@@ -105,6 +105,10 @@ struct signature_item {
   const char* op;
   shape dims;
   const void* form = nullptr;
+  // Nodes the segment had created before this one, nested insides included (stream offset):
+  // a nested checkpoint's inside that records other ops shows here as another offset. (Unused
+  // where the item names the op that computed a kept value.)
+  std::uint32_t stream = 0;
 };
 
 template <class T>
@@ -126,6 +130,7 @@ struct node {
   op_kind kind = op_kind::leaf;
   op_kind source = op_kind::leaf;  // the kind of the op that computed the value (see origin)
   std::uint8_t flags = 0;
+  std::uint32_t created = 0;  // the stream position of this node's own creation (origin may differ)
   bool has(node_flag f) const { return (flags & f) != 0; }
 };
 
@@ -422,6 +427,7 @@ class Tape {
     node_type n;
     n.dims = s;
     n.epoch = epoch_;
+    n.created = created_;
     n.origin = created_++;
     n.op = op;
     n.form = form;
@@ -619,6 +625,14 @@ class Tape {
                                          r.signature_size, "); extra entry #", k, " is '", op, "' ", s,
                                          ". A segment must record the same ops on every call (does it branch on mutable state?)"));
     const auto& want = r.signature[k];
+    const std::uint32_t at = created_ - r.stream_base;
+    if (at != want.stream)
+      throw checkpoint_error(detail::cat("checkpoint '", r.segment_name, "': the re-trace differs from the forward before entry #", k,
+                                         " ('", want.op, "' ", want.dims, "): a nested checkpoint's segment recorded ",
+                                         at > want.stream ? at - want.stream : want.stream - at,
+                                         at > want.stream ? " op(s) more" : " op(s) fewer",
+                                         " inside than in the forward. A segment must record the same ops on every call (does it "
+                                         "branch on mutable state?)"));
     if (want.dims != s || std::string_view(want.op) != op || want.form != form)
       throw checkpoint_error(detail::cat("checkpoint '", r.segment_name, "': the re-trace differs from the forward at entry #", k,
                                          ": forward recorded '", want.op, "' ", want.dims, ", re-trace recorded '", op, "' ", s,
