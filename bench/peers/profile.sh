@@ -8,7 +8,11 @@ cd "$(dirname "$0")/../.."
 model=${1:-mlp} depth=${2:-64} width=${3:-256} batch=${4:-64} policy=${5:-none} mode=${6:-none} reps=${7:-100}
 out=build-peers/profile/${model}_L${depth}_w${width}_n${batch}
 rm -rf "$out" && mkdir -p "$out"
-export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 OPENBLAS_CORETYPE=SkylakeX
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+# The GEMM kernel compare.py picks: OpenBLAS's own, unless it takes the processor for an old
+# core (Prescott on recent Xeons), where the newest kernel the processor runs is forced.
+tuned=$(/usr/bin/python3 -c "__file__='bench/peers/compare.py'; exec(open(__file__).read().split('def load_avg')[0]); print(TUNED.get('OPENBLAS_CORETYPE', ''))")
+[ -n "$tuned" ] && export OPENBLAS_CORETYPE=$tuned
 build-peers/bench/peer_ckpt export "$out/data" --model "$model" --depth "$depth" --width "$width" --batch "$batch" --policies none >/dev/null
 uptime
 perf record -q -g -o "$out/ckpt.data" -- build-peers/bench/peer_ckpt time "$out/data" --policy "$policy" --reps "$reps" \

@@ -84,7 +84,7 @@ def segment_length(mode, n):
 
 
 class Model:
-    def __init__(self, d):
+    def __init__(self, d, dtype=torch.float32):
         with open(os.path.join(d, "meta.json")) as f:
             self.meta = json.load(f)
         m = self.meta
@@ -92,10 +92,10 @@ class Model:
         p = os.path.join(d, "params")
 
         def load(name):  # Fortran-ordered (rows, cols) -> C-contiguous torch tensor, same indices
-            return torch.from_numpy(np.ascontiguousarray(np.load(os.path.join(p, name + ".npy"))))
+            return torch.from_numpy(np.ascontiguousarray(np.load(os.path.join(p, name + ".npy")))).to(dtype)
 
         # x: features x batch in ckpt == batch x features row-major here (a transposed view is free)
-        self.x = torch.from_numpy(np.load(os.path.join(p, "x.npy")).T)
+        self.x = torch.from_numpy(np.load(os.path.join(p, "x.npy")).T).to(dtype)
         assert self.x.is_contiguous()
         L = self.depth
         nl = 2 * L if self.kind == "lora_res" else L  # linear layers
@@ -195,6 +195,16 @@ def cmd_check(a):
         sys.exit("torch_peer: %s has no ckpt/none" % cdir)
     worst = {"tensor": None, "rel": 0.0}
     checked = 0
+    arbitrated = []
+    exact = {}  # the same model and values in float64, computed when first needed
+
+    def float64_reference(name):
+        if not exact:
+            m64 = Model(a.dir, torch.float64)
+            exact["loss"] = m64.step("none").detach().numpy().copy()
+            for n, t in m64.trainable:
+                exact["grad " + n] = t.grad.numpy().copy()
+        return exact[name]
 
     def compare(what, name, mine, theirs):
         nonlocal checked
@@ -203,8 +213,18 @@ def cmd_check(a):
         if r > worst["rel"]:
             worst.update(tensor="%s %s" % (what, name), rel=r)
         if not (r <= TOL):
-            print(json.dumps({"check": "FAILED", "dir": a.dir, "tensor": "%s %s" % (what, name), "rel_err": r, "tol": TOL}))
-            sys.stderr.write("torch_peer: gradient mismatch: %s %s: relative error %.3g > %g (%s)\n" % (what, name, r, TOL, a.dir))
+            # Two float implementations of a deep chain can drift apart by a little more than
+            # TOL while both stay within TOL of the exact values: the float64 run decides whether
+            # they compute the same model. Either side off by more than TOL from it stops the run.
+            ref = float64_reference(name)
+            e_mine, e_theirs = rel_err(mine, ref), rel_err(theirs, ref)
+            record = {"tensor": "%s %s" % (what, name), "rel_err": r, "vs_float64": [e_mine, e_theirs]}
+            if e_mine <= TOL and e_theirs <= TOL:
+                arbitrated.append(record)
+                return
+            print(json.dumps({"check": "FAILED", "dir": a.dir, "tol": TOL, **record}))
+            sys.stderr.write("torch_peer: gradient mismatch: %s %s: relative error %.3g > %g, against float64 %.3g and %.3g (%s)\n" % (
+                what, name, r, TOL, e_mine, e_theirs, a.dir))
             sys.exit(2)
 
     def ckpt_result(policy):
@@ -233,7 +253,7 @@ def cmd_check(a):
         for name, _ in model.trainable:
             compare("ckpt:" + p + " vs torch:none", "grad " + name, grads[name], torch_none[1][name])
     print(json.dumps({"check": "ok", "dir": a.dir, "tensors_compared": checked, "tol": TOL, "worst": worst,
-                      "torch_modes": modes, "ckpt_policies": policies}))
+                      "arbitrated_by_float64": arbitrated, "torch_modes": modes, "ckpt_policies": policies}))
 
 
 def tiny_warmup():
