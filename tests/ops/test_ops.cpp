@@ -266,6 +266,129 @@ TEST_CASE("elementwise: a fused expression that uses the same leaf twice is one 
   }
 }
 
+// ------------------------------------------------------------------ temporaries
+
+TEST_CASE("temporaries: a product passed to relu(. + b) as a temporary is freed; the tape holds one buffer a layer") {
+  // h <- act(W_i h + b_i), 6 layers of 8 x 8 over a batch of 8 (512-byte buffers, no rounding).
+  constexpr int w = 8, n = 8, layers = 6;
+  constexpr std::size_t buffer = w * n * sizeof(double);
+  std::vector<Parameter<double>> W, b;
+  for (int i = 0; i < layers; ++i) {
+    W.emplace_back(random_matrix(w, w, 2000 + static_cast<std::uint64_t>(i), -0.6, 0.6));
+    b.emplace_back(random_matrix(w, 1, 2100 + static_cast<std::uint64_t>(i), -0.2, 0.2));
+  }
+  const Mat x0 = random_in({w, n}, 2200);
+  struct figures {
+    std::size_t bytes_after_forward, peak_forward;
+    Mat loss, dx;
+    std::vector<Mat> dW, db;
+  };
+  // `named`: the product is a named Var (kept, readable) instead of a temporary.
+  auto run = [&](int act, bool named) {
+    for (auto& p : W) p.zero_grad();
+    for (auto& p : b) p.zero_grad();
+    Tape<double> t;
+    const V x = t.variable(x0);
+    V h = x;
+    for (int i = 0; i < layers; ++i) {
+      if (named) {
+        const V z = matmul(W[i], h);
+        h = act == 0 ? V(relu(z + b[i])) : act == 1 ? V(tanh(z + b[i])) : V(sigmoid(z + b[i]));
+        CHECK(z.value().allFinite());  // still readable
+      } else {
+        h = act == 0 ? V(relu(matmul(W[i], h) + b[i])) : act == 1 ? V(tanh(matmul(W[i], h) + b[i])) : V(sigmoid(matmul(W[i], h) + b[i]));
+      }
+    }
+    figures f{t.bytes(), t.peak_bytes(), {}, {}, {}, {}};
+    const V loss = sum(h * h);
+    t.backward(loss);
+    f.loss = loss.value();
+    f.dx = t.grad(x);
+    for (auto& p : W) f.dW.push_back(p.grad());
+    for (auto& p : b) f.db.push_back(p.grad());
+    return f;
+  };
+  for (int act = 0; act < 3; ++act) {
+    CAPTURE(act);
+    const figures temp = run(act, false), named = run(act, true);
+    // x and one output a layer; a product lives only until its layer's expression is computed.
+    CHECK(temp.bytes_after_forward == (1 + layers) * buffer);
+    CHECK(temp.peak_forward == (2 + layers) * buffer);
+    CHECK(named.bytes_after_forward == (1 + 2 * layers) * buffer);
+    // Freeing changes no arithmetic: the gradients are the same bits.
+    CHECK(same_bits(temp.loss, named.loss));
+    CHECK(same_bits(temp.dx, named.dx));
+    for (int i = 0; i < layers; ++i) {
+      CHECK(same_bits(temp.dW[i], named.dW[i]));
+      CHECK(same_bits(temp.db[i], named.db[i]));
+    }
+  }
+}
+
+TEST_CASE("temporaries: gradients against finite differences where they are freed and where they are kept") {
+  std::uint64_t seed = 2300;
+  for (const shape s : test_shapes(23)) {
+    CAPTURE(s);
+    const Mat W = random_in({s.rows, s.rows}, ++seed), x = random_in(s, ++seed), bias = random_in({s.rows, 1}, ++seed);
+    // Freed: the reverse reads only the output (relu, tanh, sigmoid, exp, sqrt over a sum) or
+    // nothing (a sum, a scaled difference).
+    expect_grad([](Tape<double>&, Vs v) -> V { return relu(matmul(v[0], v[1]) + v[2]); }, {W, x, bias}, 1e-5);
+    expect_grad([](Tape<double>&, Vs v) -> V { return tanh(matmul(v[0], v[1]) - v[2] * 2.0); }, {W, x, bias});
+    expect_grad([](Tape<double>&, Vs v) -> V { return sigmoid(-(matmul(v[0], v[1]) + v[2])); }, {W, x, bias});
+    expect_grad([](Tape<double>&, Vs v) -> V { return exp(0.5 * matmul(v[0], v[1]) + v[2]); }, {W, x, bias});
+    expect_grad([](Tape<double>&, Vs v) -> V { return sqrt(matmul(v[0], v[1]) + 6.0); }, {W, x, bias});
+    expect_grad([](Tape<double>&, Vs v) -> V { return v[1] + matmul(v[0], v[1]) / 3.0; }, {W, x, bias});
+    // Kept: the reverse reads the product (x * sigmoid(x), a product of two temporaries; a
+    // square under the root).
+    expect_grad([](Tape<double>&, Vs v) -> V { return sqrt(square(v[2]) + 1.0 + square(matmul(v[0], v[1]))); }, {W, x, bias});
+    expect_grad([](Tape<double>&, Vs v) -> V { return matmul(v[0], v[1]) * sigmoid(matmul(v[0], v[1])); }, {W, x, bias});
+    // Kept: softmax's own reverse reads its output, so it is no temporary to free.
+    expect_grad([](Tape<double>&, Vs v) -> V { return relu(softmax(matmul(v[0], v[1])) + v[2]); }, {W, x, bias}, 1e-5);
+    // A product that goes into another product through an expression.
+    expect_grad([](Tape<double>&, Vs v) -> V { return matmul(v[0], tanh(matmul(v[0], v[1]) + v[2])); }, {W, x, bias});
+  }
+}
+
+TEST_CASE("temporaries: what stays and what is freed, and the error for a freed value") {
+  Tape<double> t;
+  const V W = t.variable(random_in({4, 4}, 2400)), x = t.variable(random_in({4, 3}, 2401));
+  const V bias = t.variable(random_in({4, 1}, 2402));
+  const std::size_t start = t.bytes();
+  constexpr std::size_t buffer = 128;  // 4 x 3 doubles, rounded to 64 bytes
+
+  SUBCASE("a product whose value the reverse reads stays") {
+    const V y = matmul(W, x) * sigmoid(matmul(W, x));
+    CHECK(t.bytes() == start + 3 * buffer);
+    CHECK(y.value().allFinite());
+  }
+  SUBCASE("an expression used as an lvalue keeps its temporaries for the next use") {
+    auto e = matmul(W, x) + bias;
+    const V a = relu(e);
+    const V c = sigmoid(e);  // reads the product again
+    CHECK(t.bytes() == start + 3 * buffer);
+    const Mat z = (W.value() * x.value()).colwise() + bias.value().col(0);
+    CHECK(close_rel(a.value(), z.cwiseMax(0.0), 1e-15));
+    CHECK(close_rel(c.value(), (1.0 / (1.0 + (-z.array()).exp())).matrix(), 1e-15));
+    // std::move says it is the last use: the product goes, and a later use is an error.
+    const V d = tanh(std::move(e));
+    CHECK(t.bytes() == start + 3 * buffer);
+    CHECK(close_rel(d.value(), z.array().tanh().matrix(), 1e-15));
+    CHECK_THROWS_WITH_AS(V(square(e)), doctest::Contains("was freed once the expression it was passed to as a temporary"),
+                         tape_error);
+    CHECK_THROWS_WITH_AS((void)matmul(transpose(W), e), doctest::Contains("('matmul', 4x3) was freed"), tape_error);
+    const V loss = sum(a + c + d);
+    t.backward(loss);
+    CHECK(t.grad(W).allFinite());
+  }
+  SUBCASE("no gradient flows: the temporary goes as well") {
+    const V k = t.constant(random_in({4, 4}, 2403)), u = t.constant(random_in({4, 3}, 2404));
+    const std::size_t before = t.bytes();
+    const V y = matmul(k, u) * 2.0;
+    CHECK_FALSE(y.requires_grad());
+    CHECK(t.bytes() == before + buffer);
+  }
+}
+
 // ------------------------------------------------------------------ reductions and losses
 
 TEST_CASE("reductions: sum, mean, mse, fused and broadcast operands") {

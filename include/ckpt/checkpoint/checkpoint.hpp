@@ -140,7 +140,7 @@ struct checkpoint_entry {
       if (output_offset[k] != no_node && !output_replayed[k] && !n.has(retained) && n.has(owns_value)) {
         t.pool().release(n.value, Tape<T, B>::bytes_of(n.dims));
         n.value = nullptr;
-        n.flags = static_cast<std::uint8_t>(n.flags & ~owns_value);
+        n.flags = static_cast<std::uint16_t>(n.flags & ~owns_value);
       }
     }
 
@@ -194,7 +194,7 @@ struct checkpoint_entry {
         if (!out.has(retained) && out.has(owns_adjoint)) {  // handed over: free it before the sweep
           t.pool().release(out.adjoint, Tape<T, B>::bytes_of(out.dims));
           out.adjoint = nullptr;
-          out.flags = static_cast<std::uint8_t>(out.flags & ~owns_adjoint);
+          out.flags = static_cast<std::uint16_t>(out.flags & ~owns_adjoint);
         }
       }
     }
@@ -262,12 +262,16 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
       std::uint32_t base;
       detail::retrace_state<T>* retrace;
       ~restore() {
+        t.pop_keep_rule();
         t.set_segment_base(base);
         if (retrace) --retrace->nested_forwards;
         t.outer_uses().resize(uses_begin);
         t.reset_to(p);  // frees the inside; the stolen buffers survive
       }
-    } on_exit{t, p, scope.uses_begin, outer_base, outer_retrace};
+    };
+    // What this segment keeps of its inside is not freed early (Tape::consume) either.
+    t.push_keep_rule(&detail::saves<Save, T>);
+    restore on_exit{t, p, scope.uses_begin, outer_base, outer_retrace};
     t.set_segment_base(p.nodes);
     // Inside an enclosing re-trace, this forward run records an inside that the enclosing
     // signature does not list, but it still takes the values the enclosing checkpoint kept
@@ -372,7 +376,7 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
       if (tv.owned) t.pool().release(tv.value, Tape<T, B>::bytes_of(tv.dims));
       continue;
     }
-    const std::uint8_t flags = static_cast<std::uint8_t>(detail::transient | (tv.owned ? detail::owns_value : 0) |
+    const std::uint16_t flags = static_cast<std::uint16_t>(detail::transient | (tv.owned ? detail::owns_value : 0) |
                                                          (is_output && tv.requires_grad ? detail::requires_grad : 0));
     const std::uint32_t i = t.new_node(tv.dims, is_output ? name : "checkpoint.saved",
                                        is_output ? op_kind::boundary : op_kind::saved, flags, false);
@@ -396,7 +400,7 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
   for (std::size_t k = 0; k < outs.size(); ++k)
     new_outs.push_back(out_offset[k] == detail::no_node ? outs[k] : t.var_of(node_for_offset(out_offset[k])));
   for (const auto& po : parameter_outs) {  // as Tape::param() makes them
-    const std::uint32_t i = t.new_node(po.n.dims, po.n.op, op_kind::leaf, static_cast<std::uint8_t>(po.n.flags & detail::requires_grad), false);
+    const std::uint32_t i = t.new_node(po.n.dims, po.n.op, op_kind::leaf, static_cast<std::uint16_t>(po.n.flags & detail::requires_grad), false);
     t.node(i).value = po.n.value;
     t.node(i).adjoint = po.n.adjoint;
     new_outs[po.k] = t.var_of(i);

@@ -19,7 +19,7 @@ struct tape_report {
     op_kind kind;
     shape dims;
     std::size_t bytes;   ///< value + adjoint bytes the tape holds for it (0 for parameters)
-    std::string status;  ///< input, parameter, activation, boundary, kept for re-trace, released
+    std::string status;  ///< input, parameter, activation, boundary, kept for re-trace, consumed, released
   };
   struct segment {
     std::uint32_t entry;
@@ -44,7 +44,9 @@ tape_report report(const Tape<T, B>& t) {
     if (n.has(detail::owns_value)) bytes += Tape<T, B>::bytes_of(n.dims);
     if (n.has(detail::owns_adjoint)) bytes += Tape<T, B>::bytes_of(n.dims);
     std::string status;
-    if (n.has(detail::released) || (!n.value && n.kind != op_kind::leaf))
+    if (n.has(detail::consumed) && !n.has(detail::released))
+      status = "consumed";  // freed once the expression it was a temporary of was computed
+    else if (n.has(detail::released) || (!n.value && n.kind != op_kind::leaf))
       status = "released";
     else if (n.kind == op_kind::leaf)
       status = n.has(detail::owns_value) ? "input" : "parameter";

@@ -90,7 +90,7 @@ namespace detail {
 
 inline constexpr std::uint32_t no_node = std::numeric_limits<std::uint32_t>::max();
 
-enum node_flag : std::uint8_t {
+enum node_flag : std::uint16_t {
   requires_grad = 1,
   owns_value = 2,
   owns_adjoint = 4,
@@ -98,6 +98,8 @@ enum node_flag : std::uint8_t {
   retained = 16,   // kept through backward (the loss, or what the user asked to retain)
   released = 32,   // released by backward
   replayable = 64, // its op can take a saved value instead of recomputing (selective policies)
+  consumable = 128,  // no entry of its own op reads it in reverse (see Tape::consume)
+  consumed = 256,    // freed after the expression it was passed to as a temporary was computed
 };
 
 /// One node of a recording's signature: what a checkpoint's re-trace must record again.
@@ -129,7 +131,7 @@ struct node {
   const signature_item* computed_by = nullptr;
   op_kind kind = op_kind::leaf;
   op_kind source = op_kind::leaf;  // the kind of the op that computed the value (see origin)
-  std::uint8_t flags = 0;
+  std::uint16_t flags = 0;
   std::uint32_t created = 0;  // the stream position of this node's own creation (origin may differ)
   bool has(node_flag f) const { return (flags & f) != 0; }
 };
@@ -210,8 +212,8 @@ class Var {
 
   /// Assigning an elementwise expression records it as one tape entry (defined in expr/).
   template <class E>
-    requires requires { typename E::is_expression; }
-  Var(const E& expression);  // NOLINT: implicit on purpose, `Var y = relu(a + b);`
+    requires requires { typename std::remove_cvref_t<E>::is_expression; }
+  Var(E&& expression);  // NOLINT: implicit on purpose, `Var y = relu(a + b);`
 
   Tape<T, B>* tape() const { return tape_; }
   std::uint32_t index() const { return index_; }
@@ -403,6 +405,10 @@ class Tape {
     if (v.index() >= nodes_.size() || nodes_[v.index()].epoch != v.epoch())
       throw tape_error(detail::cat(op, ": the Var is from a finished recording (made before reset() or rolled back)"));
     const node_type& n = nodes_[v.index()];
+    if (n.has(detail::consumed))
+      throw tape_error(detail::cat(op, ": the value of Var #", v.index(), " ('", n.op, "', ", n.dims,
+                                   ") was freed once the expression it was passed to as a temporary had been computed; "
+                                   "name it (Var v = ...) to use it more than once"));
     if (n.has(detail::released))
       throw tape_error(detail::cat(op, ": the value of Var #", v.index(), " ('", n.op, "', ", n.dims,
                                    ") was released by backward; call tape.retain(v) before backward to keep it"));
@@ -421,7 +427,7 @@ class Tape {
   }
 
   /// Creates a node with a fresh value buffer (or a saved one when a re-trace replays it).
-  std::uint32_t new_node(shape s, const char* op, op_kind kind, std::uint8_t flags, bool allocate = true,
+  std::uint32_t new_node(shape s, const char* op, op_kind kind, std::uint16_t flags, bool allocate = true,
                          const void* form = nullptr) {
     if (retrace_ && retrace_->nested_forwards == 0) check_retrace(s, op, form);
     node_type n;
@@ -449,10 +455,32 @@ class Tape {
   std::uint32_t new_output(shape s, const char* op, op_kind kind, bool requires_grad, bool replayable = true,
                            const void* form = nullptr) {
     return new_node(s, op, kind,
-                    static_cast<std::uint8_t>(detail::transient | (requires_grad ? detail::requires_grad : 0) |
+                    static_cast<std::uint16_t>(detail::transient | (requires_grad ? detail::requires_grad : 0) |
                                               (replayable ? detail::replayable : 0)),
                     true, form);
   }
+  /// Says that no entry of node i's own op reads its value in reverse (see consume()).
+  void set_consumable(std::uint32_t i) { nodes_[i].flags |= detail::consumable; }
+  /// Frees the value of node i, which was passed as a temporary (an rvalue Var, so no handle
+  /// to it remains) to an expression that has been computed and whose reverse does not read
+  /// it, unless something else needs it: its own op's reverse (not `consumable`), a running
+  /// segment's re-trace (it lies outside that segment), or a checkpoint that keeps it.
+  void consume(std::uint32_t i) noexcept {
+    node_type& n = nodes_[i];
+    constexpr std::uint16_t needed = detail::consumable | detail::owns_value | detail::transient;
+    if ((n.flags & needed) != needed || n.has(detail::retained) || i < segment_base_ || i < adjoint_guard_) return;
+    for (auto keeps : keep_rules_)
+      if (keeps(n)) return;
+    pool_.release(n.value, bytes_of(n.dims));
+    n.value = nullptr;
+    n.flags = static_cast<std::uint16_t>((n.flags & ~detail::owns_value) | detail::consumed);
+  }
+  /// While a checkpointed segment runs forward: what it keeps of its inside (its save
+  /// predicate), so that consume() leaves those values alone. Nested segments stack.
+  using keep_rule = bool (*)(const node_type&);
+  void push_keep_rule(keep_rule r) { keep_rules_.push_back(r); }
+  void pop_keep_rule() noexcept { keep_rules_.pop_back(); }
+
   /// True when the node's value came from a checkpoint's saved buffer: its op skips compute.
   bool is_replayed(std::uint32_t i) const {
     const node_type& n = nodes_[i];
@@ -550,7 +578,7 @@ class Tape {
   /// Detaches a node's value buffer so that rolling the node back does not free it.
   T* steal_value(std::uint32_t i) {
     node_type& n = nodes_[i];
-    n.flags &= static_cast<std::uint8_t>(~detail::owns_value);
+    n.flags &= static_cast<std::uint16_t>(~detail::owns_value);
     return n.value;
   }
   void release_node(node_type& n) noexcept {
@@ -558,7 +586,7 @@ class Tape {
     if (n.has(detail::owns_adjoint) && n.adjoint) pool_.release(n.adjoint, bytes_of(n.dims));
     if (n.has(detail::owns_value)) n.value = nullptr;
     if (n.has(detail::owns_adjoint)) n.adjoint = nullptr;
-    n.flags &= static_cast<std::uint8_t>(~(detail::owns_value | detail::owns_adjoint));
+    n.flags &= static_cast<std::uint16_t>(~(detail::owns_value | detail::owns_adjoint));
   }
 
  private:
@@ -665,6 +693,7 @@ class Tape {
   std::vector<node_type> nodes_;
   std::vector<entry_type> entries_;
   std::vector<std::uint32_t> outer_uses_;
+  std::vector<keep_rule> keep_rules_;
   std::vector<std::unique_ptr<owned_base>> owned_;
   std::uint32_t epoch_ = 1;
   std::uint32_t segment_base_ = 0;

@@ -16,6 +16,15 @@
 // right from `Offset`): expr/record.hpp reads the mask once with adjoint_mask() and runs the
 // loop instantiated for it; `checked` (the default) keeps the run-time test. Every node also
 // states its number of leaves, `leaf_count`.
+//
+// Memory: a Var passed to an expression as a temporary (`relu(matmul(W, h) + b)`) can be used
+// by nothing else. Once the expression is computed, its buffer is freed (Tape::consume) if the
+// entry's reverse never reads it, which each node states at compile time (`reads_values`:
+// does `back` read its leaves' values?). The reverse of `relu(linear in its leaves)` reads
+// only the expression's own output (`reverse_from_output`), so the product's output is not
+// kept: the tape holds per layer what PyTorch's autograd holds. An expression used twice (an
+// lvalue) forgets its temporaries (`keep_temporaries`), so that the first use frees nothing the
+// second reads.
 #pragma once
 #include "ckpt/config.hpp"
 #include "ckpt/core/tape.hpp"
@@ -24,6 +33,7 @@
 
 #include <concepts>
 #include <type_traits>
+#include <utility>
 
 namespace ckpt::expr {
 
@@ -67,6 +77,7 @@ struct leaf {
   detail::operand<T> ref;
   T* adj = nullptr;
   long rs = 1, cs = 0;
+  bool temporary = false;  // made from an rvalue Var: nothing else can read it (see the top)
 
   shape dims() const { return ref.dims; }
   Tape<T, B>* tape_ptr() const { return tape; }
@@ -80,7 +91,12 @@ struct leaf {
     if (tape) tape->check(Var<T, B>(tape, ref.node, epoch), op);
   }
   void bind(Tape<T, B>& t) { adj = t.adjoint_of(ref); }
+  void keep_temporaries() { temporary = false; }
+  void consume_temporaries() const {
+    if (temporary && tape) tape->consume(ref.node);
+  }
   static constexpr int leaf_count = 1;
+  static constexpr bool reads_values = false;
   template <int Offset>
   unsigned adjoint_mask() const {
     return adj ? 1u << Offset : 0u;
@@ -121,7 +137,10 @@ struct scalar {
   void validate(const char*) const {}
   template <class TapeT>
   void bind(TapeT&) {}
+  void keep_temporaries() {}
+  void consume_temporaries() const {}
   static constexpr int leaf_count = 0;
+  static constexpr bool reads_values = false;
   template <int Offset>
   unsigned adjoint_mask() const {
     return 0u;
@@ -171,7 +190,13 @@ struct unary {
   void validate(const char* op) const { e.validate(op); }
   template <class TapeT>
   void bind(TapeT& t) { e.bind(t); }
+  void keep_temporaries() { e.keep_temporaries(); }
+  void consume_temporaries() const { e.consume_temporaries(); }
   static constexpr int leaf_count = E::leaf_count;
+  static constexpr bool reads_values = E::leaf_count > 0;  // chain() reads e's value
+  /// The derivative is a function of the output (f.d reads only y) and e is linear in its
+  /// leaves: as the root of an expression, the reverse reads the stored output and no leaf.
+  static constexpr bool reverse_from_output = fn::derivative_from_output<F> && !E::reads_values;
   template <int Offset>
   unsigned adjoint_mask() const {
     return e.template adjoint_mask<Offset>();
@@ -186,6 +211,13 @@ struct unary {
       return f.back(x, f(x), g);
     else
       return g * f.d(x, f(x));
+  }
+  /// g * f'(x) from the output y = f(x) (when reverse_from_output).
+  CKPT_HOST_DEVICE T chain_out(T y, T g) const {
+    if constexpr (requires { f.back_out(y, g); })
+      return f.back_out(y, g);
+    else
+      return g * f.d(y, y);  // d reads only its second argument here
   }
   template <unsigned Mask = checked, int Offset = 0>
   CKPT_HOST_DEVICE void back(long i, T g) const {
@@ -242,30 +274,54 @@ struct binary {
     l.bind(t);
     r.bind(t);
   }
+  void keep_temporaries() {
+    l.keep_temporaries();
+    r.keep_temporaries();
+  }
+  void consume_temporaries() const {
+    l.consume_temporaries();
+    r.consume_temporaries();
+  }
   static constexpr int leaf_count = L::leaf_count + R::leaf_count;
+  /// Which operand values the reverse loads (bit 0: l's, bit 1: r's), given which sides take
+  /// an adjoint: add reads neither, mul by a scalar only the scalar.
+  static constexpr unsigned loads(bool to_l, bool to_r) {
+    return (to_l ? fn::da_args<F> : 0u) | (to_r ? fn::db_args<F> : 0u);
+  }
+  static constexpr unsigned all_loads = loads(L::leaf_count > 0, R::leaf_count > 0);
+  static constexpr bool reads_values = ((all_loads & 1u) && L::leaf_count > 0) || ((all_loads & 2u) && R::leaf_count > 0) ||
+                                       L::reads_values || R::reads_values;
   template <int Offset>
   unsigned adjoint_mask() const {
     return l.template adjoint_mask<Offset>() | r.template adjoint_mask<Offset + L::leaf_count>();
   }
   CKPT_HOST_DEVICE T at(long i) const { return f(l.at(i), r.at(i)); }
   CKPT_HOST_DEVICE T at(int rr, int c) const { return f(l.at(rr, c), r.at(rr, c)); }
+  // Only the operand values the derivatives read are loaded: a value the reverse does not read
+  // may have been freed (see the top of this file).
   template <unsigned Mask = checked, int Offset = 0>
   CKPT_HOST_DEVICE void back(long i, T g) const {
     constexpr int right = Offset + L::leaf_count;
-    if constexpr (selects<Mask, Offset, leaf_count>) {
-      const T a = l.at(i), b = r.at(i);
-      if constexpr (selects<Mask, Offset, L::leaf_count>) l.template back<Mask, Offset>(i, g * f.da(a, b));
-      if constexpr (selects<Mask, right, R::leaf_count>) r.template back<Mask, right>(i, g * f.db(a, b));
-    }
+    constexpr bool to_l = L::leaf_count > 0 && selects<Mask, Offset, L::leaf_count>;
+    constexpr bool to_r = R::leaf_count > 0 && selects<Mask, right, R::leaf_count>;
+    constexpr unsigned need = loads(to_l, to_r);
+    T a{}, b{};
+    if constexpr ((need & 1u) != 0) a = l.at(i);
+    if constexpr ((need & 2u) != 0) b = r.at(i);
+    if constexpr (to_l) l.template back<Mask, Offset>(i, g * f.da(a, b));
+    if constexpr (to_r) r.template back<Mask, right>(i, g * f.db(a, b));
   }
   template <unsigned Mask = checked, int Offset = 0>
   CKPT_HOST_DEVICE void back(int rr, int c, T g) const {
     constexpr int right = Offset + L::leaf_count;
-    if constexpr (selects<Mask, Offset, leaf_count>) {
-      const T a = l.at(rr, c), b = r.at(rr, c);
-      if constexpr (selects<Mask, Offset, L::leaf_count>) l.template back<Mask, Offset>(rr, c, g * f.da(a, b));
-      if constexpr (selects<Mask, right, R::leaf_count>) r.template back<Mask, right>(rr, c, g * f.db(a, b));
-    }
+    constexpr bool to_l = L::leaf_count > 0 && selects<Mask, Offset, L::leaf_count>;
+    constexpr bool to_r = R::leaf_count > 0 && selects<Mask, right, R::leaf_count>;
+    constexpr unsigned need = loads(to_l, to_r);
+    T a{}, b{};
+    if constexpr ((need & 1u) != 0) a = l.at(rr, c);
+    if constexpr ((need & 2u) != 0) b = r.at(rr, c);
+    if constexpr (to_l) l.template back<Mask, Offset>(rr, c, g * f.da(a, b));
+    if constexpr (to_r) r.template back<Mask, right>(rr, c, g * f.db(a, b));
   }
 };
 
@@ -299,7 +355,10 @@ struct dropout_node {
   void validate(const char* op) const { e.validate(op); }
   template <class TapeT>
   void bind(TapeT& t) { e.bind(t); }
+  void keep_temporaries() { e.keep_temporaries(); }
+  void consume_temporaries() const { e.consume_temporaries(); }
   static constexpr int leaf_count = E::leaf_count;
+  static constexpr bool reads_values = E::reads_values;  // the mask is recomputed, not read
   template <int Offset>
   unsigned adjoint_mask() const {
     return e.template adjoint_mask<Offset>();
@@ -340,13 +399,28 @@ leaf<T, B> to_expr(const Var<T, B>& v, const char* op) {
   if (v.tape() == nullptr) throw tape_error(detail::cat(op, ": the Var is empty (default-constructed)"));
   return leaf<T, B>{v.tape(), v.epoch(), v.tape()->operand_of(v, op)};
 }
+/// A temporary Var: the expression is its last use (see the top of this file).
+template <class T, class B>
+leaf<T, B> to_expr(Var<T, B>&& v, const char* op) {
+  leaf<T, B> l = to_expr(static_cast<const Var<T, B>&>(v), op);
+  l.temporary = true;
+  return l;
+}
 template <class T, class B>
 leaf<T, B> to_expr(Parameter<T, B>& p, const char*) {
   return leaf<T, B>{nullptr, 0, Tape<T, B>::operand_of(p)};
 }
+/// An expression that may be used again: its temporaries must outlive this use.
 template <Expression E>
-const E& to_expr(const E& e, const char*) {
-  return e;
+E to_expr(const E& e, const char*) {
+  E copy = e;
+  copy.keep_temporaries();
+  return copy;
+}
+/// An expression used once (an rvalue): its temporaries die with this use.
+template <Expression E>
+E to_expr(E&& e, const char*) {
+  return static_cast<E&&>(e);
 }
 
 template <class X>
@@ -357,19 +431,19 @@ using value_t = typename expr_t<X>::value_type;
 
 template <class F, class X>
 unary<F, expr_t<X>> make_unary(F f, X&& x) {
-  return {f, to_expr(x, F::name)};
+  return {f, to_expr(std::forward<X>(x), F::name)};
 }
 template <class F, class L, class R>
 binary<F, expr_t<L>, expr_t<R>> make_binary(F f, L&& l, R&& r) {
-  return {f, to_expr(l, F::name), to_expr(r, F::name)};
+  return {f, to_expr(std::forward<L>(l), F::name), to_expr(std::forward<R>(r), F::name)};
 }
 template <class F, class L, class S>
 binary<F, expr_t<L>, scalar<value_t<L>>> make_binary_scalar(F f, L&& l, S s) {
-  return {f, to_expr(l, F::name), scalar<value_t<L>>{static_cast<value_t<L>>(s)}};
+  return {f, to_expr(std::forward<L>(l), F::name), scalar<value_t<L>>{static_cast<value_t<L>>(s)}};
 }
 template <class F, class S, class R>
 binary<F, scalar<value_t<R>>, expr_t<R>> make_scalar_binary(F f, S s, R&& r) {
-  return {f, scalar<value_t<R>>{static_cast<value_t<R>>(s)}, to_expr(r, F::name)};
+  return {f, scalar<value_t<R>>{static_cast<value_t<R>>(s)}, to_expr(std::forward<R>(r), F::name)};
 }
 
 }  // namespace ckpt::expr

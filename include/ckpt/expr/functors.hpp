@@ -1,5 +1,8 @@
 // ckpt — elementwise functions and their derivatives, written once for host and device.
-// Unary rules get the input x and the output y (whichever is cheaper to use).
+// Unary rules get the input x and the output y (whichever is cheaper to use); a rule that reads
+// only y says so (`from_output`), which lets an expression's reverse read its stored output
+// instead of its operands. Binary rules say which arguments each derivative reads (`da_args`,
+// `db_args`: bit 0 a, bit 1 b), so that the reverse loads no operand it does not need.
 #pragma once
 #include "ckpt/config.hpp"
 
@@ -30,14 +33,19 @@ struct relu {
   template <class T> CKPT_HOST_DEVICE T d(T x, T) const { return x > T(0) ? T(1) : T(0); }
   // g * d(x) as a select (see unary::chain): no multiply by 0, so the reverse vectorises.
   template <class T> CKPT_HOST_DEVICE T back(T x, T, T g) const { return x > T(0) ? g : T(0); }
+  // The same from the output: y > 0 exactly when x > 0 (and relu(NaN) is 0, as NaN > 0 is false).
+  static constexpr bool from_output = true;
+  template <class T> CKPT_HOST_DEVICE T back_out(T y, T g) const { return y > T(0) ? g : T(0); }
 };
 struct sigmoid {
   static constexpr const char* name = "sigmoid";
+  static constexpr bool from_output = true;
   template <class T> CKPT_HOST_DEVICE T operator()(T x) const { return T(1) / (T(1) + exp_(-x)); }
   template <class T> CKPT_HOST_DEVICE T d(T, T y) const { return y * (T(1) - y); }
 };
 struct tanh {
   static constexpr const char* name = "tanh";
+  static constexpr bool from_output = true;
   template <class T> CKPT_HOST_DEVICE T operator()(T x) const { return tanh_(x); }
   template <class T> CKPT_HOST_DEVICE T d(T, T y) const { return T(1) - y * y; }
 };
@@ -61,6 +69,7 @@ struct gelu {
 };
 struct exp {
   static constexpr const char* name = "exp";
+  static constexpr bool from_output = true;
   template <class T> CKPT_HOST_DEVICE T operator()(T x) const { return exp_(x); }
   template <class T> CKPT_HOST_DEVICE T d(T, T y) const { return y; }
 };
@@ -71,6 +80,7 @@ struct log {
 };
 struct sqrt {
   static constexpr const char* name = "sqrt";
+  static constexpr bool from_output = true;
   template <class T> CKPT_HOST_DEVICE T operator()(T x) const { return sqrt_(x); }
   template <class T> CKPT_HOST_DEVICE T d(T, T y) const { return T(0.5) / y; }
 };
@@ -90,27 +100,44 @@ struct pow {
 
 struct add {
   static constexpr const char* name = "add";
+  static constexpr unsigned da_args = 0, db_args = 0;
   template <class T> CKPT_HOST_DEVICE T operator()(T a, T b) const { return a + b; }
   template <class T> CKPT_HOST_DEVICE T da(T, T) const { return T(1); }
   template <class T> CKPT_HOST_DEVICE T db(T, T) const { return T(1); }
 };
 struct sub {
   static constexpr const char* name = "sub";
+  static constexpr unsigned da_args = 0, db_args = 0;
   template <class T> CKPT_HOST_DEVICE T operator()(T a, T b) const { return a - b; }
   template <class T> CKPT_HOST_DEVICE T da(T, T) const { return T(1); }
   template <class T> CKPT_HOST_DEVICE T db(T, T) const { return T(-1); }
 };
 struct mul {
   static constexpr const char* name = "mul";
+  static constexpr unsigned da_args = 2, db_args = 1;
   template <class T> CKPT_HOST_DEVICE T operator()(T a, T b) const { return a * b; }
   template <class T> CKPT_HOST_DEVICE T da(T, T b) const { return b; }
   template <class T> CKPT_HOST_DEVICE T db(T a, T) const { return a; }
 };
 struct div {
   static constexpr const char* name = "div";
+  static constexpr unsigned da_args = 2, db_args = 3;
   template <class T> CKPT_HOST_DEVICE T operator()(T a, T b) const { return a / b; }
   template <class T> CKPT_HOST_DEVICE T da(T, T b) const { return T(1) / b; }
   template <class T> CKPT_HOST_DEVICE T db(T a, T b) const { return -a / (b * b); }
 };
+
+/// Whether a unary rule's derivative reads only the output (see the top of this file).
+template <class F>
+inline constexpr bool derivative_from_output = requires { requires F::from_output; };
+/// The arguments a binary rule's derivatives read; all of them unless it says.
+template <class F>
+inline constexpr unsigned da_args = [] {
+  if constexpr (requires { F::da_args; }) return F::da_args; else return 3u;
+}();
+template <class F>
+inline constexpr unsigned db_args = [] {
+  if constexpr (requires { F::db_args; }) return F::db_args; else return 3u;
+}();
 
 }  // namespace ckpt::fn

@@ -68,11 +68,19 @@ void backpropagate(const E& e, const T* g, shape s, bool dense) {
 }
 
 template <class E>
+inline constexpr bool reverse_from_output = requires { requires E::reverse_from_output; };
+
+template <class E>
 struct elementwise_entry {
   E e;
   std::uint32_t out;
   shape dims;
   bool dense;
+
+  /// The root's derivative comes from the stored output (relu(W x + b): y > 0), and what lies
+  /// below it is linear in the leaves: the reverse reads no operand value.
+  static constexpr bool from_output = reverse_from_output<E>;
+  static constexpr bool reads_operands = !from_output && E::reads_values;
 
   template <class TapeT>
   void backward(TapeT& t) const {
@@ -80,7 +88,12 @@ struct elementwise_entry {
     if (!g) return;
     E bound = e;
     bound.bind(t);
-    backpropagate(bound, g, dims, dense);
+    if constexpr (from_output) {
+      const auto* y = t.node(out).value;
+      backpropagate_with(bound.e, [&bound, g, y](long i) { return bound.chain_out(y[i], g[i]); }, dims, dense);
+    } else {
+      backpropagate(bound, g, dims, dense);
+    }
   }
 };
 
@@ -103,6 +116,9 @@ auto record(const E& expression) {
   const std::uint32_t out = t->new_output(s, E::name, op_kind::elementwise, grad, true, &detail::form_tag<E>);
   if (!t->is_replayed(out)) evaluate(e, t->node(out).value, s, dense);
   if (grad) t->push_entry(elementwise_entry<E>{e, out, s, dense}, begin);
+  // Nothing reads the temporaries again when the reverse reads no operand (or there is none).
+  if (!grad || !elementwise_entry<E>::reads_operands) e.consume_temporaries();
+  if (!grad || !elementwise_entry<E>::from_output) t->set_consumable(out);
   return t->var_of(out);
 }
 
@@ -112,16 +128,18 @@ namespace ckpt {
 
 template <class T, Backend B>
 template <class E>
-  requires requires { typename E::is_expression; }
-Var<T, B>::Var(const E& expression) : Var(expr::record(expression)) {
-  static_assert(std::is_same_v<typename E::value_type, T>, "ckpt: assigning a double expression to a float Var or back");
-  static_assert(std::is_same_v<typename E::backend_type, B>, "ckpt: assigning an expression to a Var of another backend");
+  requires requires { typename std::remove_cvref_t<E>::is_expression; }
+Var<T, B>::Var(E&& expression) : Var(expr::record(expr::to_expr(std::forward<E>(expression), "assign"))) {
+  using X = std::remove_cvref_t<E>;
+  static_assert(std::is_same_v<typename X::value_type, T>, "ckpt: assigning a double expression to a float Var or back");
+  static_assert(std::is_same_v<typename X::backend_type, B>, "ckpt: assigning an expression to a Var of another backend");
 }
 
 /// Records an expression explicitly (what `Var y = expression;` does).
-template <expr::Expression E>
-auto eval(const E& expression) {
-  return expr::record(expression);
+template <class E>
+  requires expr::Expression<std::remove_cvref_t<E>>
+auto eval(E&& expression) {
+  return expr::record(expr::to_expr(std::forward<E>(expression), "eval"));
 }
 template <class T, Backend B>
 Var<T, B> eval(const Var<T, B>& v) {

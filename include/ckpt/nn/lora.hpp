@@ -94,7 +94,7 @@ class LoRALinear {
     const shape xs = ckpt::detail::shape_of(input, "lora_linear");
     if (xs.rows != W_.cols())
       throw shape_error(ckpt::detail::cat("lora_linear: input ", xs, " has ", xs.rows, " features, W ", W_.dims(), " expects ", W_.cols()));
-    auto x = ckpt::detail::resolve(input, "lora_linear");
+    auto x = ckpt::detail::resolve(std::forward<X>(input), "lora_linear");
     auto& t = ckpt::detail::tape_of(x, "lora_linear");
     Var<T, B> xv = t.var_of(x.ref.node);
     // The adapter path: u = A dropout(x), kept by every enclosing checkpoint.
@@ -118,6 +118,7 @@ class LoRALinear {
           for (int i = 0; i < m; ++i) y[i + static_cast<long>(j) * m] += b_.value_data()[i];
     }
     if (grad) t.push_entry(detail::lora_entry<T>{Wr, x.ref, Br, ur.ref, br, out, scale_}, begin);
+    t.set_consumable(out);  // the reverse reads x, u and the parameters, never y
     return t.var_of(out);
   }
 

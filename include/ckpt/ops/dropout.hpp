@@ -4,6 +4,8 @@
 #include "ckpt/expr/expression.hpp"
 #include "ckpt/expr/record.hpp"
 
+#include <utility>
+
 namespace ckpt {
 
 /// Inverted dropout with drop probability p in [0, 1). Fuses into the surrounding expression.
@@ -11,7 +13,7 @@ namespace ckpt {
 /// restores the counter, so it draws the same mask.
 template <expr::Operand X>
 auto dropout(X&& x, double p) {
-  auto e = expr::to_expr(x, "dropout");
+  auto e = expr::to_expr(std::forward<X>(x), "dropout");
   using E = decltype(e);
   using T = typename E::value_type;
   if (!(p >= 0.0 && p < 1.0)) throw error(detail::cat("dropout: p must be in [0, 1), got ", p));

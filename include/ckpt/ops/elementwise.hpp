@@ -7,24 +7,25 @@
 #include "ckpt/expr/record.hpp"
 
 #include <type_traits>
+#include <utility>
 
 namespace ckpt {
 
 template <class S>
 concept Scalar = std::is_arithmetic_v<S>;
 
-#define CKPT_BINARY_OPERATOR(OP, F)                                                 \
-  template <expr::Operand L, expr::Operand R>                                       \
-  auto operator OP(L&& l, R&& r) {                                                  \
-    return expr::make_binary(fn::F{}, l, r);                                        \
-  }                                                                                 \
-  template <expr::Operand L, Scalar S>                                              \
-  auto operator OP(L&& l, S s) {                                                    \
-    return expr::make_binary_scalar(fn::F{}, l, s);                                 \
-  }                                                                                 \
-  template <Scalar S, expr::Operand R>                                              \
-  auto operator OP(S s, R&& r) {                                                    \
-    return expr::make_scalar_binary(fn::F{}, s, r);                                 \
+#define CKPT_BINARY_OPERATOR(OP, F)                                            \
+  template <expr::Operand L, expr::Operand R>                                  \
+  auto operator OP(L&& l, R&& r) {                                             \
+    return expr::make_binary(fn::F{}, std::forward<L>(l), std::forward<R>(r)); \
+  }                                                                            \
+  template <expr::Operand L, Scalar S>                                         \
+  auto operator OP(L&& l, S s) {                                               \
+    return expr::make_binary_scalar(fn::F{}, std::forward<L>(l), s);           \
+  }                                                                            \
+  template <Scalar S, expr::Operand R>                                         \
+  auto operator OP(S s, R&& r) {                                               \
+    return expr::make_scalar_binary(fn::F{}, s, std::forward<R>(r));           \
   }
 
 CKPT_BINARY_OPERATOR(+, add)
@@ -35,13 +36,13 @@ CKPT_BINARY_OPERATOR(/, div)
 
 template <expr::Operand X>
 auto operator-(X&& x) {
-  return expr::make_unary(fn::neg{}, x);
+  return expr::make_unary(fn::neg{}, std::forward<X>(x));
 }
 
-#define CKPT_UNARY_FUNCTION(NAME)                 \
-  template <expr::Operand X>                      \
-  auto NAME(X&& x) {                              \
-    return expr::make_unary(fn::NAME{}, x);       \
+#define CKPT_UNARY_FUNCTION(NAME)                            \
+  template <expr::Operand X>                                 \
+  auto NAME(X&& x) {                                         \
+    return expr::make_unary(fn::NAME{}, std::forward<X>(x)); \
   }
 
 CKPT_UNARY_FUNCTION(relu)
@@ -59,7 +60,7 @@ CKPT_UNARY_FUNCTION(square)
 template <expr::Operand X, Scalar S>
 auto pow(X&& x, S p) {
   using T = expr::value_t<X>;
-  return expr::make_unary(fn::pow<T>{static_cast<T>(p)}, x);
+  return expr::make_unary(fn::pow<T>{static_cast<T>(p)}, std::forward<X>(x));
 }
 
 

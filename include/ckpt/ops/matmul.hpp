@@ -6,6 +6,8 @@
 #include "ckpt/ops/layout.hpp"
 #include "ckpt/ops/operand.hpp"
 
+#include <utility>
+
 namespace ckpt {
 
 namespace detail {
@@ -44,8 +46,8 @@ template <class X>
 struct unwrap_transposed {
   static constexpr bool flag = false;
   template <class Y>
-  static Y& get(Y& x) {
-    return x;
+  static Y&& get(Y&& x) {
+    return std::forward<Y>(x);
   }
 };
 template <class X>
@@ -72,8 +74,8 @@ auto matmul(L&& lhs, R&& rhs) {
   if (k != kb)
     throw shape_error(detail::cat("matmul: inner dimensions differ: ", ta ? "transpose(" : "(", sa, ") * ",
                                   tb ? "transpose(" : "(", sb, ")"));
-  auto a = detail::resolve(UL::get(lhs), "matmul");
-  auto b = detail::resolve(UR::get(rhs), "matmul");
+  auto a = detail::resolve(UL::get(std::forward<L>(lhs)), "matmul");
+  auto b = detail::resolve(UR::get(std::forward<R>(rhs)), "matmul");
   auto& t = detail::tape_of(a, b, "matmul");
   using T = typename std::remove_reference_t<decltype(t)>::value_type;
   const bool grad = a.ref.requires_grad || b.ref.requires_grad;
@@ -85,6 +87,7 @@ auto matmul(L&& lhs, R&& rhs) {
     Bk::gemm(ta, tb, m, n, k, T(1), a.ref.value, a.ref.dims.rows, b.ref.value, b.ref.dims.rows, T(0), t.node(out).value, m);
   }
   if (grad) t.push_entry(detail::matmul_entry<T>{a.ref, b.ref, out, m, n, k, ta, tb}, begin);
+  t.set_consumable(out);  // the reverse reads the operands, never the product
   return t.var_of(out);
 }
 

@@ -5,6 +5,8 @@
 #include "ckpt/expr/expression.hpp"
 #include "ckpt/expr/record.hpp"
 
+#include <utility>
+
 namespace ckpt {
 
 namespace detail {
@@ -24,9 +26,11 @@ template <class T, class B>
 resolved<T, B> resolve(Parameter<T, B>& p, const char*) {
   return {nullptr, Tape<T, B>::operand_of(p)};
 }
-template <expr::Expression E>
-auto resolve(const E& e, const char* op) {
-  return resolve(expr::record(e), op);
+template <class E>
+  requires expr::Expression<std::remove_cvref_t<E>>
+auto resolve(E&& e, const char* op) {
+  // An rvalue expression is used once: the temporaries inside it may be freed.
+  return resolve(expr::record(expr::to_expr(std::forward<E>(e), op)), op);
 }
 
 /// The shape an operand will have once resolved, found without recording anything: ops check
