@@ -111,6 +111,11 @@ struct signature_item {
   // a nested checkpoint's inside that records other ops shows here as another offset. (Unused
   // where the item names the op that computed a kept value.)
   std::uint32_t stream = 0;
+
+  /// Whether a node recorded now is this item again (the stream offset aside).
+  bool same_op(const char* other_op, shape other_dims, const void* other_form) const {
+    return dims == other_dims && std::string_view(op) == other_op && form == other_form;
+  }
 };
 
 template <class T>
@@ -661,11 +666,10 @@ class Tape {
                                          at > want.stream ? " op(s) more" : " op(s) fewer",
                                          " inside than in the forward. A segment must record the same ops on every call (does it "
                                          "branch on mutable state?)"));
-    if (want.dims != s || std::string_view(want.op) != op || want.form != form)
+    if (!want.same_op(op, s, form))
       throw checkpoint_error(detail::cat("checkpoint '", r.segment_name, "': the re-trace differs from the forward at entry #", k,
                                          ": forward recorded '", want.op, "' ", want.dims, ", re-trace recorded '", op, "' ", s,
-                                         want.form != form && want.dims == s && std::string_view(want.op) == op
-                                             ? " (another expression fused into it)"
+                                         want.same_op(op, s, want.form) ? " (another expression fused into it)"
                                              : "",
                                          ". A segment must record the same ops on every call (does it branch on mutable state?)"));
   }
@@ -678,7 +682,7 @@ class Tape {
       // The signature does not cover a nested checkpoint's inside: check here that the value
       // replayed there is the one the forward computed at this point.
       const detail::signature_item& want = r.saved_item[r.next_saved];
-      if (want.dims != n.dims || std::string_view(want.op) != n.op || want.form != n.form)
+      if (!want.same_op(n.op, n.dims, n.form))
         throw checkpoint_error(detail::cat("checkpoint '", r.segment_name, "': inside a nested checkpoint, the re-trace recorded '", n.op,
                                            "' ", n.dims, " where the forward computed the kept value '", want.op, "' ", want.dims,
                                            ". A segment must record the same ops on every call (does it branch on mutable state?)"));
