@@ -334,6 +334,8 @@ TEST_CASE("temporaries: gradients against finite differences where they are free
     // nothing (a sum, a scaled difference).
     expect_grad([](Tape<double>&, Vs v) -> V { return relu(matmul(v[0], v[1]) + v[2]); }, {W, x, bias}, 1e-5);
     expect_grad([](Tape<double>&, Vs v) -> V { return tanh(matmul(v[0], v[1]) - v[2] * 2.0); }, {W, x, bias});
+    expect_grad([](Tape<double>&, Vs v) -> V { return sigmoid((matmul(v[0], v[1]) + v[2]) * -1.0); }, {W, x, bias});
+    // Kept: neg is a unary function, whose rule reads its argument.
     expect_grad([](Tape<double>&, Vs v) -> V { return sigmoid(-(matmul(v[0], v[1]) + v[2])); }, {W, x, bias});
     expect_grad([](Tape<double>&, Vs v) -> V { return exp(0.5 * matmul(v[0], v[1]) + v[2]); }, {W, x, bias});
     expect_grad([](Tape<double>&, Vs v) -> V { return sqrt(matmul(v[0], v[1]) + 6.0); }, {W, x, bias});
@@ -346,6 +348,38 @@ TEST_CASE("temporaries: gradients against finite differences where they are free
     expect_grad([](Tape<double>&, Vs v) -> V { return relu(softmax(matmul(v[0], v[1])) + v[2]); }, {W, x, bias}, 1e-5);
     // A product that goes into another product through an expression.
     expect_grad([](Tape<double>&, Vs v) -> V { return matmul(v[0], tanh(matmul(v[0], v[1]) + v[2])); }, {W, x, bias});
+    // Kept: moved in, but another entry read it first (its reverse reads z: dW = g z^T).
+    expect_grad(
+        [](Tape<double>&, Vs v) -> V {
+          V z = matmul(v[0], v[1]);
+          const V a = matmul(v[0], z);
+          return relu(std::move(z) + a);
+        },
+        {W, x, bias}, 1e-5);
+    // Kept: an expression used before it is moved into its last use.
+    expect_grad(
+        [](Tape<double>&, Vs v) -> V {
+          auto e = matmul(v[0], v[1]) + v[2];
+          const V sq = square(e);
+          const V th = tanh(std::move(e));
+          return sq + th;
+        },
+        {W, x, bias});
+    // Kept: a handle passed on by tag(), and a checkpoint's input (its re-trace reads it).
+    expect_grad(
+        [](Tape<double>&, Vs v) -> V {
+          const V h = matmul(v[0], v[1]);
+          const V y = relu(tag(h, "pre") + v[2]);
+          return y + h * 2.0;
+        },
+        {W, x, bias}, 1e-5);
+    expect_grad(
+        [](Tape<double>&, Vs v) -> V {
+          V h = matmul(v[0], v[1]);
+          const V c = checkpoint("c", [](const V& u) -> V { return tanh(u); }, h);
+          return relu(std::move(h) + c);
+        },
+        {W, x, bias}, 1e-5);
   }
 }
 
@@ -361,7 +395,7 @@ TEST_CASE("temporaries: what stays and what is freed, and the error for a freed 
     CHECK(t.bytes() == start + 3 * buffer);
     CHECK(y.value().allFinite());
   }
-  SUBCASE("an expression used as an lvalue keeps its temporaries for the next use") {
+  SUBCASE("an expression used as an lvalue keeps its temporaries, also for a last use moved in") {
     auto e = matmul(W, x) + bias;
     const V a = relu(e);
     const V c = sigmoid(e);  // reads the product again
@@ -369,16 +403,30 @@ TEST_CASE("temporaries: what stays and what is freed, and the error for a freed 
     const Mat z = (W.value() * x.value()).colwise() + bias.value().col(0);
     CHECK(close_rel(a.value(), z.cwiseMax(0.0), 1e-15));
     CHECK(close_rel(c.value(), (1.0 / (1.0 + (-z.array()).exp())).matrix(), 1e-15));
-    // std::move says it is the last use: the product goes, and a later use is an error.
+    const V d = tanh(std::move(e));  // not its only use: the product stays
+    CHECK(t.bytes() == start + 4 * buffer);
+    CHECK(close_rel(d.value(), z.array().tanh().matrix(), 1e-15));
+    const V loss = sum(a + c + d);
+    t.backward(loss);
+    CHECK(t.grad(W).allFinite());
+  }
+  SUBCASE("an expression moved into its only use frees its product; a later use is an error") {
+    auto e = matmul(W, x) + bias;
     const V d = tanh(std::move(e));
-    CHECK(t.bytes() == start + 3 * buffer);
+    CHECK(t.bytes() == start + buffer);
+    const Mat z = (W.value() * x.value()).colwise() + bias.value().col(0);
     CHECK(close_rel(d.value(), z.array().tanh().matrix(), 1e-15));
     CHECK_THROWS_WITH_AS(V(square(e)), doctest::Contains("was freed once the expression it was passed to as a temporary"),
                          tape_error);
     CHECK_THROWS_WITH_AS((void)matmul(transpose(W), e), doctest::Contains("('matmul', 4x3) was freed"), tape_error);
-    const V loss = sum(a + c + d);
-    t.backward(loss);
-    CHECK(t.grad(W).allFinite());
+  }
+  SUBCASE("handles passed on by tag() and eval() are no temporaries") {
+    const V h = matmul(W, x);
+    const V y = relu(tag(h, "pre") + bias);
+    const V k = relu(eval(h) + bias);
+    CHECK(t.bytes() == start + 3 * buffer);
+    CHECK(close_rel(y.value(), k.value(), 0.0));
+    CHECK(h.value().allFinite());  // still readable
   }
   SUBCASE("no gradient flows: the temporary goes as well") {
     const V k = t.constant(random_in({4, 4}, 2403)), u = t.constant(random_in({4, 3}, 2404));

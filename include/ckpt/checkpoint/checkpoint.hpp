@@ -232,6 +232,8 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
   if (first.tape() == nullptr) throw tape_error("checkpoint: input 0 is an empty Var");
   Tape<T, B>& t = *first.tape();
   for (std::size_t i = 0; i < N; ++i) t.check(inputs[i], "checkpoint");
+  // The re-trace reads the inputs, and an output may be an input passed through.
+  for (std::size_t i = 0; i < N; ++i) t.count_use(inputs[i].index());
 
   using result_type = std::remove_cvref_t<std::invoke_result_t<const Seg&, decltype(first), decltype(more)...>>;
   using traits = detail::result_traits<result_type>;

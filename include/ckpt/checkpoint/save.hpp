@@ -69,6 +69,7 @@ Var<T, B> tag(const Var<T, B>& v, const char* name) {
   if (v.tape() == nullptr) throw tape_error("tag: the Var is empty (default-constructed)");
   v.tape()->check(v, "tag");
   v.tape()->node(v.index()).tag = name;
+  v.tape()->count_use(v.index());  // the copy returned is no temporary of its own
   return v;
 }
 

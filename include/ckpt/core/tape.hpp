@@ -138,6 +138,10 @@ struct node {
   op_kind source = op_kind::leaf;  // the kind of the op that computed the value (see origin)
   std::uint16_t flags = 0;
   std::uint32_t created = 0;  // the stream position of this node's own creation (origin may differ)
+  // Operand references taken to it (Tape::operand_of) and handle copies that ops pass on (tag,
+  // checkpoint inputs, copied expressions): a temporary is freed only when its expression's
+  // own leaf is its one use (Tape::consume).
+  std::uint32_t uses = 0;
   bool has(node_flag f) const { return (flags & f) != 0; }
 };
 
@@ -423,8 +427,9 @@ class Tape {
   /// checkpointed segment is running (their adjoints must exist before its re-trace).
   detail::operand<T> operand_of(const Var<T, B>& v, const char* op) {
     check(v, op);
-    const node_type& n = nodes_[v.index()];
+    node_type& n = nodes_[v.index()];
     note_use(v.index());
+    ++n.uses;
     return {n.value, nullptr, v.index(), n.dims, n.has(detail::requires_grad)};
   }
   static detail::operand<T> operand_of(Parameter<T, B>& p) {
@@ -466,14 +471,19 @@ class Tape {
   }
   /// Says that no entry of node i's own op reads its value in reverse (see consume()).
   void set_consumable(std::uint32_t i) { nodes_[i].flags |= detail::consumable; }
-  /// Frees the value of node i, which was passed as a temporary (an rvalue Var, so no handle
-  /// to it remains) to an expression that has been computed and whose reverse does not read
-  /// it, unless something else needs it: its own op's reverse (not `consumable`), a running
-  /// segment's re-trace (it lies outside that segment), or a checkpoint that keeps it.
+  /// Counts a use of node i that holds on to it without an operand reference: an op that
+  /// passes a handle on (tag, eval of a Var), a checkpoint's input, a copied expression.
+  void count_use(std::uint32_t i) { ++nodes_[i].uses; }
+  /// Frees the value of node i, which was passed as a temporary (an rvalue Var) to an
+  /// expression that has been computed and whose reverse does not read it, unless something
+  /// else may read it: any other use (an operand reference or a passed-on handle: `uses` > 1),
+  /// its own op's reverse (not `consumable`), a running segment's re-trace (it lies outside
+  /// that segment), or a checkpoint that keeps it.
   void consume(std::uint32_t i) noexcept {
     node_type& n = nodes_[i];
     constexpr std::uint16_t needed = detail::consumable | detail::owns_value | detail::transient;
-    if ((n.flags & needed) != needed || n.has(detail::retained) || i < segment_base_ || i < adjoint_guard_) return;
+    if ((n.flags & needed) != needed || n.uses != 1 || n.has(detail::retained) || i < segment_base_ || i < adjoint_guard_)
+      return;
     for (auto keeps : keep_rules_)
       if (keeps(n)) return;
     pool_.release(n.value, bytes_of(n.dims));

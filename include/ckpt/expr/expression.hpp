@@ -91,7 +91,11 @@ struct leaf {
     if (tape) tape->check(Var<T, B>(tape, ref.node, epoch), op);
   }
   void bind(Tape<T, B>& t) { adj = t.adjoint_of(ref); }
-  void keep_temporaries() { temporary = false; }
+  /// A copy for another use: the node now has one use more, so no use frees it.
+  void keep_temporaries() {
+    if (temporary && tape) tape->count_use(ref.node);
+    temporary = false;
+  }
   void consume_temporaries() const {
     if (temporary && tape) tape->consume(ref.node);
   }
@@ -409,6 +413,10 @@ leaf<T, B> to_expr(Var<T, B>&& v, const char* op) {
 template <class T, class B>
 leaf<T, B> to_expr(Parameter<T, B>& p, const char*) {
   return leaf<T, B>{nullptr, 0, Tape<T, B>::operand_of(p)};
+}
+template <class T, class B>
+leaf<T, B> to_expr(Parameter<T, B>&& p, const char* op) {  // std::move(p): still p's buffers
+  return to_expr(static_cast<Parameter<T, B>&>(p), op);
 }
 /// An expression that may be used again: its temporaries must outlive this use.
 template <Expression E>

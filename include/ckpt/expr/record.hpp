@@ -143,6 +143,10 @@ auto eval(E&& expression) {
 }
 template <class T, Backend B>
 Var<T, B> eval(const Var<T, B>& v) {
+  if (v.tape()) {
+    v.tape()->check(v, "eval");
+    v.tape()->count_use(v.index());  // the copy returned is no temporary of its own
+  }
   return v;
 }
 

@@ -26,6 +26,10 @@ template <class T, class B>
 resolved<T, B> resolve(Parameter<T, B>& p, const char*) {
   return {nullptr, Tape<T, B>::operand_of(p)};
 }
+template <class T, class B>
+resolved<T, B> resolve(Parameter<T, B>&& p, const char* op) {  // std::move(p): still p's buffers
+  return resolve(static_cast<Parameter<T, B>&>(p), op);
+}
 template <class E>
   requires expr::Expression<std::remove_cvref_t<E>>
 auto resolve(E&& e, const char* op) {
