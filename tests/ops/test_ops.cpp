@@ -420,6 +420,19 @@ TEST_CASE("temporaries: what stays and what is freed, and the error for a freed 
                          tape_error);
     CHECK_THROWS_WITH_AS((void)matmul(transpose(W), e), doctest::Contains("('matmul', 4x3) was freed"), tape_error);
   }
+  SUBCASE("the steps of sequential() get copies of the caller's handle: no temporaries") {
+    const V h = matmul(W, x);
+    const V y = sequential<policy::none>(2, [&bias](std::size_t, V v) -> V { return relu(std::move(v) + bias); }, h);
+    CHECK(h.value().allFinite());  // the caller's handle still reads
+    CHECK(t.bytes() == start + 3 * buffer);  // h and the two steps' outputs (relu's own reverse reads its output)
+    CHECK(y.value().allFinite());
+  }
+  SUBCASE("a stale expression is reported, not counted on another recording's nodes") {
+    auto p = matmul(W, x) * 2.0;
+    t.reset();
+    CHECK_THROWS_WITH_AS(eval(p), doctest::Contains("finished recording"), tape_error);
+    CHECK_THROWS_WITH_AS(eval(std::move(p)), doctest::Contains("finished recording"), tape_error);
+  }
   SUBCASE("handles passed on by tag() and eval() are no temporaries") {
     const V h = matmul(W, x);
     const V y = relu(tag(h, "pre") + bias);

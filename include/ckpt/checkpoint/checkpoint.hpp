@@ -315,7 +315,8 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
     for (std::size_t k = 0; k < outs.size(); ++k) {
       const auto& o = outs[k];
       const auto& n = t.node(o.index());
-      if (o.index() < p.nodes) {
+      if (o.index() < p.nodes) {  // an outer Var passed through: a copy of the caller's handle
+        t.count_use(o.index());
         out_offset.push_back(detail::no_node);
       } else if (n.kind == op_kind::leaf && n.adjoint && !n.has(detail::owns_adjoint)) {
         // A parameter's Var (tape.param) made inside: handed on as a parameter node, so that

@@ -79,11 +79,10 @@ Var<T, B> sequential(std::size_t n, Step&& step, const Var<T, B>& x) {
   static_assert(std::is_invocable_r_v<Var<T, B>, const S&, std::size_t, Var<T, B>>,
                 "ckpt::sequential: step must be callable as step(std::size_t i, Var x) -> Var");
   if (x.tape() == nullptr) throw tape_error("sequential: the input is an empty Var");
-  if (n == 0) {
-    x.tape()->check(x, "sequential");
-    x.tape()->count_use(x.index());  // returned as it is: the copy is no temporary of its own
-    return x;
-  }
+  x.tape()->check(x, "sequential");
+  // The steps get copies of the caller's handle (and n == 0 returns one): none is a temporary.
+  x.tape()->count_use(x.index());
+  if (n == 0) return x;
   Tape<T, B>& t = *x.tape();
   if constexpr (RevolvePolicy<P>) {
     const S* kept = t.keep_object(S(std::forward<Step>(step)));

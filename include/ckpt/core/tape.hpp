@@ -473,7 +473,10 @@ class Tape {
   void set_consumable(std::uint32_t i) { nodes_[i].flags |= detail::consumable; }
   /// Counts a use of node i that holds on to it without an operand reference: an op that
   /// passes a handle on (tag, eval of a Var), a checkpoint's input, a copied expression.
-  void count_use(std::uint32_t i) { ++nodes_[i].uses; }
+  /// (An index from a finished recording is ignored: validation reports it later.)
+  void count_use(std::uint32_t i) {
+    if (i < nodes_.size()) ++nodes_[i].uses;
+  }
   /// Frees the value of node i, which was passed as a temporary (an rvalue Var) to an
   /// expression that has been computed and whose reverse does not read it, unless something
   /// else may read it: any other use (an operand reference or a passed-on handle: `uses` > 1),
