@@ -17,14 +17,14 @@
 // loop instantiated for it; `checked` (the default) keeps the run-time test. Every node also
 // states its number of leaves, `leaf_count`.
 //
-// Memory: a Var passed to an expression as a temporary (`relu(matmul(W, h) + b)`) can be used
-// by nothing else. Once the expression is computed, its buffer is freed (Tape::consume) if the
-// entry's reverse never reads it, which each node states at compile time (`reads_values`:
-// does `back` read its leaves' values?). The reverse of `relu(linear in its leaves)` reads
-// only the expression's own output (`reverse_from_output`), so the product's output is not
-// kept: the tape holds per layer what PyTorch's autograd holds. An expression used twice (an
-// lvalue) forgets its temporaries (`keep_temporaries`), so that the first use frees nothing the
-// second reads.
+// Memory: a Var passed to an expression as a temporary (`relu(matmul(W, h) + b)`) is freed
+// once the expression is computed (Tape::consume) if this leaf is the node's one use (nodes
+// count operand references and passed-on handles) and the entry's reverse never reads it,
+// which each node states at compile time (`reads_values`: does `back` read its leaves'
+// values?). The reverse of `relu(linear in its leaves)` reads only the expression's own output
+// (`reverse_from_output`), so the product is not kept: the tape holds per layer what PyTorch's
+// autograd holds. Each copy of an expression used as an lvalue counts as one more use of its
+// temporaries (`keep_temporaries`), so no use frees what another reads.
 #pragma once
 #include "ckpt/config.hpp"
 #include "ckpt/core/tape.hpp"
@@ -77,7 +77,7 @@ struct leaf {
   detail::operand<T> ref;
   T* adj = nullptr;
   long rs = 1, cs = 0;
-  bool temporary = false;  // made from an rvalue Var: nothing else can read it (see the top)
+  bool temporary = false;  // made from an rvalue Var: freed after this use if it is the only one
 
   shape dims() const { return ref.dims; }
   Tape<T, B>* tape_ptr() const { return tape; }
