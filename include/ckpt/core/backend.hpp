@@ -1,5 +1,9 @@
 // ckpt — what a backend must provide. The tape and its bookkeeping stay on the host; a backend
-// owns only tensor memory and the kernels that touch it.
+// owns only tensor memory and the kernels that touch it: allocation, copies (within the
+// backend, and to and from the host), products, and the loop primitives every op's forward and
+// reverse are written with (for_each, for_each_2d, for_each_row, sum, sum_2d; see
+// backend/cpu/cpu.hpp for their contracts). `concurrent` says whether loop iterations may run
+// at the same time, so that no two of them may add into the same element.
 #pragma once
 #include "ckpt/config.hpp"
 
@@ -15,6 +19,10 @@ concept Backend = requires(std::size_t bytes, void* p, float* f, const float* cf
   B::deallocate(p, bytes);
   B::fill_zero(f, n);
   B::copy(f, cf, n);
+  B::to_host(f, cf, n);
+  B::from_host(f, cf, n);
+  B::synchronize();
+  { B::concurrent } -> std::convertible_to<bool>;
   B::gemm(false, false, 1, 1, 1, 1.0f, cf, 1, cf, 1, 0.0f, f, 1);
 };
 

@@ -60,11 +60,11 @@ class Parameter {
 
   Parameter() = default;
 
+  /// A parameter with the value `init` (a host matrix, copied to the backend).
   template <class Derived>
-    requires std::is_same_v<B, backend::cpu>
   explicit Parameter(const Eigen::MatrixBase<Derived>& init, bool frozen = false)
       : value_(shape{static_cast<int>(init.rows()), static_cast<int>(init.cols())}), frozen_(frozen) {
-    value() = init.template cast<T>();
+    assign(init);
     if (!frozen_) {
       grad_ = buffer<T, B>(value_.dims());
       zero_grad();
@@ -94,6 +94,34 @@ class Parameter {
   T* grad_data() { return grad_.data(); }
   const T* grad_data() const { return grad_.data(); }
 
+  /// Overwrites the value with a host matrix of the same shape (copied to the backend).
+  template <class Derived>
+  void assign(const Eigen::MatrixBase<Derived>& m) {
+    if (m.rows() != rows() || m.cols() != cols())
+      throw shape_error(detail::cat("Parameter::assign: a ", shape{static_cast<int>(m.rows()), static_cast<int>(m.cols())},
+                                    " matrix for a ", dims(), " parameter"));
+    if constexpr (std::is_same_v<B, backend::cpu>) {
+      value() = m.template cast<T>();
+    } else {
+      const Matrix host = m.template cast<T>();
+      B::from_host(value_.data(), host.data(), host.size());
+    }
+  }
+  /// A host copy of the value (any backend).
+  Matrix to_host() const {
+    Matrix m(rows(), cols());
+    B::to_host(m.data(), value_.data(), m.size());
+    return m;
+  }
+  /// A host copy of the gradient (any backend); throws for a frozen parameter.
+  Matrix grad_to_host() const {
+    if (frozen_) throw tape_error(detail::cat("grad: parameter ", dims(), " is frozen and has no gradient"));
+    Matrix m(rows(), cols());
+    B::to_host(m.data(), grad_.data(), m.size());
+    return m;
+  }
+
+  /// The value in place, as an Eigen map (CPU backend; elsewhere use to_host() and assign()).
   Map value()
     requires std::is_same_v<B, backend::cpu>
   {

@@ -237,9 +237,10 @@ class Var {
   /// The value, as an Eigen map over the tape's buffer (CPU backend).
   Eigen::Map<const Matrix> value() const
     requires std::is_same_v<B, backend::cpu>;
-  /// The value of a 1x1 tensor.
-  T item() const
-    requires std::is_same_v<B, backend::cpu>;
+  /// The value as a host matrix (a copy; any backend).
+  Matrix to_host() const;
+  /// The value of a 1x1 tensor (any backend).
+  T item() const;
 
  private:
   Tape<T, B>* tape_ = nullptr;
@@ -265,15 +266,13 @@ class Tape {
 
   // ---------------------------------------------------------------- leaves
 
-  /// A value that needs no gradient (inputs, targets).
+  /// A value that needs no gradient (inputs, targets), copied from a host matrix.
   template <class Derived>
-    requires std::is_same_v<B, backend::cpu>
   Var<T, B> constant(const Eigen::MatrixBase<Derived>& m) {
     return leaf_from(m, false, "constant");
   }
   /// A leaf whose gradient is wanted (read it with grad() after backward).
   template <class Derived>
-    requires std::is_same_v<B, backend::cpu>
   Var<T, B> variable(const Eigen::MatrixBase<Derived>& m) {
     return leaf_from(m, true, "variable");
   }
@@ -308,24 +307,32 @@ class Tape {
     T seed(1);
     if (!nodes_[loss.index()].has(detail::owns_adjoint)) {
       T current;
-      B::copy(&current, g, 1);
+      B::to_host(&current, g, 1);
       seed += current;
     }
-    B::copy(g, &seed, 1);
+    B::from_host(g, &seed, 1);
     sweep(0);
   }
 
   /// Sweeps the entries recorded since `p`, newest first (the caller seeds the adjoints).
   void backward_to(const ckpt::position& p) { sweep(p.entries); }
 
-  /// Gradient of a Var after backward (zeros when nothing flowed into it).
-  Matrix grad(const Var<T, B>& v) const
-    requires std::is_same_v<B, backend::cpu>
-  {
+  /// Gradient of a Var after backward, as a host matrix (zeros when nothing flowed into it).
+  Matrix grad(const Var<T, B>& v) const {
     check(v, "grad");
     const node_type& n = nodes_[v.index()];
     if (!n.adjoint) return Matrix::Zero(n.dims.rows, n.dims.cols);
-    return Eigen::Map<const Matrix>(n.adjoint, n.dims.rows, n.dims.cols);
+    Matrix m(n.dims.rows, n.dims.cols);
+    B::to_host(m.data(), n.adjoint, m.size());
+    return m;
+  }
+  /// The value of a Var as a host matrix (any backend).
+  Matrix to_host(const Var<T, B>& v) const {
+    check(v, "to_host");
+    const node_type& n = nodes_[v.index()];
+    Matrix m(n.dims.rows, n.dims.cols);
+    B::to_host(m.data(), n.value, m.size());
+    return m;
   }
 
   /// Keeps a Var's value (and gradient) readable after backward.
@@ -621,7 +628,12 @@ class Tape {
   Var<T, B> leaf_from(const Eigen::MatrixBase<Derived>& m, bool grad, const char* op) {
     const shape s{static_cast<int>(m.rows()), static_cast<int>(m.cols())};
     const std::uint32_t i = new_node(s, op, op_kind::leaf, grad ? detail::requires_grad : 0);
-    Eigen::Map<Matrix>(nodes_[i].value, s.rows, s.cols) = m.template cast<T>();
+    if constexpr (std::is_same_v<B, backend::cpu>) {
+      Eigen::Map<Matrix>(nodes_[i].value, s.rows, s.cols) = m.template cast<T>();
+    } else {
+      const Matrix host = m.template cast<T>();
+      B::from_host(nodes_[i].value, host.data(), host.size());
+    }
     return var_of(i);
   }
 
@@ -646,16 +658,18 @@ class Tape {
     }
   }
 
-  void check_finite(const Var<T, B>& loss) const
-    requires std::is_same_v<B, backend::cpu>
-  {
-    const T l = *nodes_[loss.index()].value;
+  void check_finite(const Var<T, B>& loss) const {
+    T l;
+    B::to_host(&l, nodes_[loss.index()].value, 1);
     if (std::isfinite(l)) return;
+    std::vector<T> host;
     for (std::size_t i = 0; i < nodes_.size(); ++i) {
       const node_type& n = nodes_[i];
       if (!n.value) continue;
+      host.resize(static_cast<std::size_t>(n.dims.size()));
+      B::to_host(host.data(), n.value, n.dims.size());
       for (long k = 0; k < n.dims.size(); ++k) {
-        if (!std::isfinite(n.value[k]))
+        if (!std::isfinite(host[static_cast<std::size_t>(k)]))
           throw numeric_error(detail::cat("backward: the loss is ", l, "; the first non-finite value came from node #", i,
                                           " (op '", n.op, "', ", n.dims, ") at element ", k));
       }
@@ -753,13 +767,20 @@ Eigen::Map<const typename Var<T, B>::Matrix> Var<T, B>::value() const
 }
 
 template <class T, Backend B>
-T Var<T, B>::item() const
-  requires std::is_same_v<B, backend::cpu>
-{
-  const auto v = value();
-  if (v.rows() != 1 || v.cols() != 1)
-    throw shape_error(detail::cat("item: the Var is ", v.rows(), "x", v.cols(), ", not 1x1"));
-  return v(0, 0);
+typename Var<T, B>::Matrix Var<T, B>::to_host() const {
+  if (!tape_) throw tape_error("to_host: the Var is empty (default-constructed)");
+  return tape_->to_host(*this);
+}
+
+template <class T, Backend B>
+T Var<T, B>::item() const {
+  if (!tape_) throw tape_error("item: the Var is empty (default-constructed)");
+  tape_->check(*this, "item");
+  const auto& n = tape_->node(index_);
+  if (n.dims != shape{1, 1}) throw shape_error(detail::cat("item: the Var is ", n.dims, ", not 1x1"));
+  T v;
+  B::to_host(&v, n.value, 1);
+  return v;
 }
 
 }  // namespace ckpt

@@ -8,7 +8,9 @@
 //   tape_ptr()        the tape of its Var operands (null for parameters and scalars)
 //   at(i) / at(r, c)  its value at a flat index (dense case) or at output coordinates
 //   back(i, g) / back(r, c, g)  adds g * d(node)/d(leaf) into every leaf's adjoint
-//   plus set_strides(out), dense(out), bind(tape), requires_grad(), validate(tape).
+//   plus set_strides(out), dense(out), bind(tape), requires_grad(), validate(tape), and
+//   visit_leaves<Offset>(f), which calls f(std::integral_constant<int, k>, leaf) for each leaf
+//   (the CUDA backend's reverse sums a broadcast leaf's contributions leaf by leaf).
 //
 // The reverse loop is fast only when the compiler can vectorise it, which a run-time "does
 // this leaf have an adjoint?" test inside the loop prevents (a conditional store). So `back`
@@ -99,6 +101,10 @@ struct leaf {
   void consume_temporaries() const {
     if (temporary && tape) tape->consume(ref.node);
   }
+  template <int Offset = 0, class F>
+  void visit_leaves(F&& f) {
+    f(std::integral_constant<int, Offset>{}, *this);
+  }
   static constexpr int leaf_count = 1;
   static constexpr bool reads_values = false;
   template <int Offset>
@@ -143,6 +149,8 @@ struct scalar {
   void bind(TapeT&) {}
   void keep_temporaries() {}
   void consume_temporaries() const {}
+  template <int Offset = 0, class F>
+  void visit_leaves(F&&) {}
   static constexpr int leaf_count = 0;
   static constexpr bool reads_values = false;
   template <int Offset>
@@ -196,6 +204,10 @@ struct unary {
   void bind(TapeT& t) { e.bind(t); }
   void keep_temporaries() { e.keep_temporaries(); }
   void consume_temporaries() const { e.consume_temporaries(); }
+  template <int Offset = 0, class V>
+  void visit_leaves(V&& v) {
+    e.template visit_leaves<Offset>(v);
+  }
   static constexpr int leaf_count = E::leaf_count;
   static constexpr bool reads_values = E::leaf_count > 0;  // chain() reads e's value
   /// The derivative is a function of the output (f.d reads only y) and e is linear in its
@@ -286,10 +298,15 @@ struct binary {
     l.consume_temporaries();
     r.consume_temporaries();
   }
+  template <int Offset = 0, class V>
+  void visit_leaves(V&& v) {
+    l.template visit_leaves<Offset>(v);
+    r.template visit_leaves<Offset + L::leaf_count>(v);
+  }
   static constexpr int leaf_count = L::leaf_count + R::leaf_count;
   /// Which operand values the reverse loads (bit 0: l's, bit 1: r's), given which sides take
   /// an adjoint: add reads neither, mul by a scalar only the scalar.
-  static constexpr unsigned loads(bool to_l, bool to_r) {
+  CKPT_HOST_DEVICE static constexpr unsigned loads(bool to_l, bool to_r) {
     return (to_l ? fn::da_args<F> : 0u) | (to_r ? fn::db_args<F> : 0u);
   }
   static constexpr unsigned all_loads = loads(L::leaf_count > 0, R::leaf_count > 0);
@@ -361,6 +378,10 @@ struct dropout_node {
   void bind(TapeT& t) { e.bind(t); }
   void keep_temporaries() { e.keep_temporaries(); }
   void consume_temporaries() const { e.consume_temporaries(); }
+  template <int Offset = 0, class V>
+  void visit_leaves(V&& v) {
+    e.template visit_leaves<Offset>(v);
+  }
   static constexpr int leaf_count = E::leaf_count;
   static constexpr bool reads_values = E::reads_values;  // the mask is recomputed, not read
   template <int Offset>

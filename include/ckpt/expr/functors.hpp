@@ -21,6 +21,12 @@ template <class T>
 CKPT_HOST_DEVICE inline T sqrt_(T x) { using std::sqrt; return sqrt(x); }
 template <class T>
 CKPT_HOST_DEVICE inline T pow_(T x, T p) { using std::pow; return pow(x, p); }
+/// The larger of a and b as std::max has it (a unless a < b), usable in device code.
+template <class T>
+CKPT_HOST_DEVICE inline T max_(T a, T b) { return a < b ? b : a; }
+/// +infinity, usable in device code (std::numeric_limits is host-only under nvcc).
+template <class T>
+CKPT_HOST_DEVICE inline T infinity() { return static_cast<T>(__builtin_huge_val()); }
 
 struct neg {
   static constexpr const char* name = "neg";

@@ -9,30 +9,82 @@
 
 namespace ckpt::expr {
 
+// Loop bodies are functors with a CKPT_HOST_DEVICE call operator, not lambdas: the CUDA
+// backend runs the same bodies in its kernels.
+
+/// out[i] = e(i), over a dense output.
+template <class E, class T>
+struct evaluate_flat {
+  E e;
+  T* out;
+  CKPT_HOST_DEVICE void operator()(long i) const { out[i] = e.at(i); }
+};
+/// out(r, c) = e(r, c), when an operand broadcasts.
+template <class E, class T>
+struct evaluate_2d {
+  E e;
+  T* out;
+  int rows;
+  CKPT_HOST_DEVICE void operator()(int r, int c) const { out[r + static_cast<long>(c) * rows] = e.at(r, c); }
+};
+
 /// Writes e into out (rows x cols, column-major): one pass, no temporaries.
 template <class E, class T>
 void evaluate(const E& e, T* out, shape s, bool dense) {
-  if (dense) {
-    const long n = s.size();
-    for (long i = 0; i < n; ++i) out[i] = e.at(i);
-  } else {
-    for (int c = 0; c < s.cols; ++c)
-      for (int r = 0; r < s.rows; ++r) out[r + static_cast<long>(c) * s.rows] = e.at(r, c);
-  }
+  using B = backend_of<E>;
+  if (dense)
+    B::for_each(s.size(), evaluate_flat<E, T>{e, out});
+  else
+    B::for_each_2d(s, evaluate_2d<E, T>{e, out, s.rows});
 }
 
+// ------------------------------------------------------------------ where the output's gradient comes from
+
+/// The output's adjoint, element by element.
+template <class T>
+struct adjoint_source {
+  const T* g;
+  CKPT_HOST_DEVICE T operator()(long i) const { return g[i]; }
+};
+/// One number for every element (the reverse of a reduction to 1x1).
+template <class T>
+struct constant_source {
+  T g;
+  CKPT_HOST_DEVICE T operator()(long) const { return g; }
+};
+/// g * f'(x) of the root f, taken from the stored output y = f(x) (reverse_from_output).
+template <class Root, class T>
+struct output_source {
+  Root root;
+  const T* y;
+  const T* g;
+  CKPT_HOST_DEVICE T operator()(long i) const { return root.chain_out(y[i], g[i]); }
+};
+
 namespace reverse {
+
+template <unsigned Mask, class E, class G>
+struct back_flat {
+  E e;
+  G g;
+  CKPT_HOST_DEVICE void operator()(long i) const { e.template back<Mask, 0>(i, g(i)); }
+};
+template <unsigned Mask, class E, class G>
+struct back_2d {
+  E e;
+  G g;
+  int rows;
+  CKPT_HOST_DEVICE void operator()(int r, int c) const { e.template back<Mask, 0>(r, c, g(r + static_cast<long>(c) * rows)); }
+};
 
 /// The reverse loop for one set of leaves with adjoints (Mask), or `checked`.
 template <unsigned Mask, class E, class G>
 void back_loop(const E& e, const G& g, shape s, bool dense) {
-  if (dense) {
-    const long n = s.size();
-    for (long i = 0; i < n; ++i) e.template back<Mask, 0>(i, g(i));
-  } else {
-    for (int c = 0; c < s.cols; ++c)
-      for (int r = 0; r < s.rows; ++r) e.template back<Mask, 0>(r, c, g(r + static_cast<long>(c) * s.rows));
-  }
+  using B = backend_of<E>;
+  if (dense)
+    B::for_each(s.size(), back_flat<Mask, E, G>{e, g});
+  else
+    B::for_each_2d(s, back_2d<Mask, E, G>{e, g, s.rows});
 }
 
 template <class E, class G, unsigned... Masks>
@@ -45,26 +97,74 @@ void back_dispatch(unsigned mask, const E& e, const G& g, shape s, bool dense,
 /// would cost more compile time than they save).
 inline constexpr int max_dispatched_leaves = 4;
 
+/// Which leaves have an adjoint, read once; then the loop compiled for exactly those runs,
+/// free of per-element tests, so that it vectorises.
+template <class E, class G>
+void dispatch(const E& e, const G& g, shape s, bool dense) {
+  constexpr int leaves = E::leaf_count;
+  if constexpr (leaves <= max_dispatched_leaves) {
+    back_dispatch(e.template adjoint_mask<0>(), e, g, s, dense, std::make_integer_sequence<unsigned, (1u << leaves)>{});
+  } else {
+    back_loop<checked>(e, g, s, dense);
+  }
+}
+
+/// Leaf K broadcast over the output (a bias, rows x 1): one call per element of the leaf,
+/// which adds the contributions of every output element it was broadcast to, in order. The
+/// element has one writer, so concurrent backends need no atomics and repeat their bits.
+template <int K, class E, class G>
+struct gather_leaf {
+  E e;
+  G g;
+  shape out;
+  shape leaf;
+  CKPT_HOST_DEVICE void operator()(int lr, int lc) const {
+    const bool all_rows = leaf.rows != out.rows, all_cols = leaf.cols != out.cols;
+    const int r0 = all_rows ? 0 : lr, r1 = all_rows ? out.rows : lr + 1;
+    const int c0 = all_cols ? 0 : lc, c1 = all_cols ? out.cols : lc + 1;
+    for (int c = c0; c < c1; ++c)
+      for (int r = r0; r < r1; ++r) e.template back<(1u << K), 0>(r, c, g(r + static_cast<long>(c) * out.rows));
+  }
+};
+
+/// The reverse of a broadcasting expression where loop iterations run concurrently: adding
+/// into a broadcast leaf from every output element would race. Leaves of the output's shape
+/// take one pass over the output (each element its own writer); each broadcast leaf then takes
+/// a pass over its own elements (gather_leaf).
+template <class E, class G>
+void owner_computes(const E& e, const G& g, shape s) {
+  static_assert(E::leaf_count <= 32, "ckpt: an expression with more than 32 tensor operands");
+  using B = backend_of<E>;
+  E same_shape = e;
+  same_shape.visit_leaves([s](auto, auto& leaf) {
+    if (leaf.dims() != s) leaf.adj = nullptr;
+  });
+  dispatch(same_shape, g, s, false);
+  E all = e;
+  all.visit_leaves([&](auto k, auto& leaf) {
+    if (leaf.adj && leaf.dims() != s) B::for_each_2d(leaf.dims(), gather_leaf<decltype(k)::value, E, G>{e, g, s, leaf.dims()});
+  });
+}
+
 }  // namespace reverse
 
 /// Adds g(i) * d(e)/d(leaf) into the adjoints of e's leaves (e bound to a tape); g(i) is the
-/// output's gradient at flat index i. Which leaves have an adjoint is read once, and the loop
-/// compiled for exactly those runs, free of per-element tests, so that it vectorises.
+/// output's gradient at flat index i (a functor, see adjoint_source).
 template <class E, class G>
 void backpropagate_with(const E& e, const G& g, shape s, bool dense) {
-  constexpr int leaves = E::leaf_count;
-  if constexpr (leaves <= reverse::max_dispatched_leaves) {
-    reverse::back_dispatch(e.template adjoint_mask<0>(), e, g, s, dense,
-                           std::make_integer_sequence<unsigned, (1u << leaves)>{});
-  } else {
-    reverse::back_loop<checked>(e, g, s, dense);
+  if constexpr (backend_of<E>::concurrent) {
+    if (!dense) {
+      reverse::owner_computes(e, g, s);
+      return;
+    }
   }
+  reverse::dispatch(e, g, s, dense);
 }
 
 /// Adds g * d(e)/d(leaf) into the leaves' adjoints.
 template <class E, class T>
 void backpropagate(const E& e, const T* g, shape s, bool dense) {
-  backpropagate_with(e, [g](long i) { return g[i]; }, s, dense);
+  backpropagate_with(e, adjoint_source<T>{g}, s, dense);
 }
 
 template <class E>
@@ -89,8 +189,8 @@ struct elementwise_entry {
     E bound = e;
     bound.bind(t);
     if constexpr (from_output) {
-      const auto* y = t.node(out).value;
-      backpropagate_with(bound.e, [&bound, g, y](long i) { return bound.chain_out(y[i], g[i]); }, dims, dense);
+      using T = typename E::value_type;
+      backpropagate_with(bound.e, output_source<E, T>{bound, t.node(out).value, g}, dims, dense);
     } else {
       backpropagate(bound, g, dims, dense);
     }

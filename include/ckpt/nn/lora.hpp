@@ -19,6 +19,23 @@ namespace ckpt::nn {
 
 namespace detail {
 
+/// y(i, j) += b(i): the bias over every column.
+template <class T>
+struct add_bias {
+  T* y;
+  const T* b;
+  int rows;
+  CKPT_HOST_DEVICE void operator()(int i, int j) const { y[i + static_cast<long>(j) * rows] += b[i]; }
+};
+/// db(i) += g(i, j): the bias's gradient, summed over the batch row by row.
+template <class T>
+struct sum_into_bias {
+  T* db;
+  const T* g;
+  int rows;
+  CKPT_HOST_DEVICE void operator()(int i, int j) const { db[i] += g[i + static_cast<long>(j) * rows]; }
+};
+
 template <class T>
 struct lora_entry {
   ckpt::detail::operand<T> W, x, B, u, bias;  // bias.value null when absent
@@ -43,10 +60,7 @@ struct lora_entry {
       ++t.counters().gemms;
       Bk::gemm(false, true, m, r, n, scale, g, m, u.value, r, T(1), dB, m);
     }
-    if (T* db = bias.value ? t.adjoint_of(bias) : nullptr) {
-      for (int j = 0; j < n; ++j)
-        for (int i = 0; i < m; ++i) db[i] += g[i + static_cast<long>(j) * m];
-    }
+    if (T* db = bias.value ? t.adjoint_of(bias) : nullptr) Bk::for_each_row(shape{m, n}, sum_into_bias<T>{db, g, m});
   }
 };
 
@@ -82,7 +96,7 @@ class LoRALinear {
   }
   /// Wraps a Linear's weights (copied, then frozen).
   explicit LoRALinear(Linear<T, B>& base, int rank, double alpha, std::uint64_t seed = 0, double dropout = 0.0)
-      : LoRALinear(base.weight().value(), base.bias().value(), rank, alpha, seed, dropout) {
+      : LoRALinear(base.weight().to_host(), base.bias().to_host(), rank, alpha, seed, dropout) {
     has_bias_ = base.has_bias();
   }
 
@@ -113,25 +127,23 @@ class LoRALinear {
       t.counters().gemms += 2;
       B::gemm(false, false, m, n, k, T(1), W_.value_data(), m, x.ref.value, k, T(0), y, m);
       B::gemm(false, false, m, n, r, scale_, B_.value_data(), m, ur.ref.value, r, T(1), y, m);
-      if (has_bias_)
-        for (int j = 0; j < n; ++j)
-          for (int i = 0; i < m; ++i) y[i + static_cast<long>(j) * m] += b_.value_data()[i];
+      if (has_bias_) B::for_each_2d(shape{m, n}, detail::add_bias<T>{y, b_.value_data(), m});
     }
     if (grad) t.push_entry(detail::lora_entry<T>{Wr, x.ref, Br, ur.ref, br, out, scale_}, begin);
     t.set_consumable(out);  // the reverse reads x, u and the parameters, never y
     return t.var_of(out);
   }
 
-  /// Folds s B A into W for inference; unmerge() restores W exactly (from a copy).
+  /// Folds s B A into W for inference; unmerge() restores W exactly (from a host copy).
   void merge() {
     if (merged_) return;
-    backup_ = Matrix(W_.value());
-    W_.value() += scale_ * (B_.value() * A_.value());
+    backup_ = W_.to_host();
+    W_.assign(*backup_ + scale_ * (B_.to_host() * A_.to_host()));
     merged_ = true;
   }
   void unmerge() {
     if (!merged_) return;
-    W_.value() = *backup_;
+    W_.assign(*backup_);
     backup_.reset();
     merged_ = false;
   }

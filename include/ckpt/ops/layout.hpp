@@ -48,18 +48,47 @@ auto transpose(X&& x) {
 
 namespace detail {
 
+/// dst(r, c) = src(r, c), or += with `add`: a block of one column-major tensor into another.
+template <class T>
+struct copy_block {
+  T* dst;
+  long ldd;
+  const T* src;
+  long lds;
+  bool add;
+  CKPT_HOST_DEVICE void operator()(int r, int c) const {
+    if (add)
+      dst[r + c * ldd] += src[r + c * lds];
+    else
+      dst[r + c * ldd] = src[r + c * lds];
+  }
+};
+/// dst(c, r) = src(r, c), or += with `add`; src is rows x cols.
+template <class T>
+struct transpose_block {
+  T* dst;
+  const T* src;
+  int rows, cols;
+  bool add;
+  CKPT_HOST_DEVICE void operator()(int r, int c) const {
+    if (add)
+      dst[c + static_cast<long>(r) * cols] += src[r + static_cast<long>(c) * rows];
+    else
+      dst[c + static_cast<long>(r) * cols] = src[r + static_cast<long>(c) * rows];
+  }
+};
+
 template <class T>
 struct transpose_entry {
   operand<T> x;
   std::uint32_t out;
   template <class TapeT>
   void backward(TapeT& t) const {
+    using B = typename TapeT::backend_type;
     const T* g = t.adjoint_if(out);
     if (!g) return;
-    T* dx = t.adjoint_of(x);
-    const int r = x.dims.rows, c = x.dims.cols;
-    for (int j = 0; j < c; ++j)
-      for (int i = 0; i < r; ++i) dx[i + static_cast<long>(j) * r] += g[j + static_cast<long>(i) * c];
+    // dx(i, j) += g(j, i): g is cols x rows, so this is g transposed onto dx.
+    B::for_each_2d(shape{x.dims.cols, x.dims.rows}, transpose_block<T>{t.adjoint_of(x), g, x.dims.cols, x.dims.rows, true});
   }
 };
 
@@ -69,11 +98,7 @@ Var<T, B> record_transpose(const resolved<T, B>& x) {
   const int r = x.ref.dims.rows, c = x.ref.dims.cols;
   const std::uint32_t begin = static_cast<std::uint32_t>(t.node_count());
   const std::uint32_t out = t.new_output({c, r}, "transpose", op_kind::layout, x.ref.requires_grad);
-  if (!t.is_replayed(out)) {
-    T* y = t.node(out).value;
-    for (int j = 0; j < c; ++j)
-      for (int i = 0; i < r; ++i) y[j + static_cast<long>(i) * c] = x.ref.value[i + static_cast<long>(j) * r];
-  }
+  if (!t.is_replayed(out)) B::for_each_2d(x.ref.dims, transpose_block<T>{t.node(out).value, x.ref.value, r, c, false});
   if (x.ref.requires_grad) t.push_entry(transpose_entry<T>{x.ref, out}, begin);
   return t.var_of(out);
 }
@@ -85,11 +110,10 @@ struct slice_rows_entry {
   int begin, count;
   template <class TapeT>
   void backward(TapeT& t) const {
+    using B = typename TapeT::backend_type;
     const T* g = t.adjoint_if(out);
     if (!g) return;
-    T* dx = t.adjoint_of(x);
-    for (int j = 0; j < x.dims.cols; ++j)
-      for (int i = 0; i < count; ++i) dx[begin + i + static_cast<long>(j) * x.dims.rows] += g[i + static_cast<long>(j) * count];
+    B::for_each_2d(shape{count, x.dims.cols}, copy_block<T>{t.adjoint_of(x) + begin, x.dims.rows, g, count, true});
   }
 };
 
@@ -102,15 +126,13 @@ struct concat_rows_entry {
   int cols;
   template <class TapeT>
   void backward(TapeT& t) const {
+    using B = typename TapeT::backend_type;
     const T* g = t.adjoint_if(out);
     if (!g) return;
     int offset = 0;
     for (std::uint32_t p = 0; p < count; ++p) {
       const operand<T>& x = parts[p];
-      if (T* dx = t.adjoint_of(x)) {
-        for (int j = 0; j < cols; ++j)
-          for (int i = 0; i < x.dims.rows; ++i) dx[i + static_cast<long>(j) * x.dims.rows] += g[offset + i + static_cast<long>(j) * rows];
-      }
+      if (T* dx = t.adjoint_of(x)) B::for_each_2d(x.dims, copy_block<T>{dx, x.dims.rows, g + offset, rows, true});
       offset += x.dims.rows;
     }
   }
@@ -123,10 +145,11 @@ struct slice_cols_entry {
   int begin, count;
   template <class TapeT>
   void backward(TapeT& t) const {
+    using B = typename TapeT::backend_type;
     const T* g = t.adjoint_if(out);
     if (!g) return;
     T* dx = t.adjoint_of(x) + static_cast<long>(begin) * x.dims.rows;
-    for (long i = 0, n = static_cast<long>(count) * x.dims.rows; i < n; ++i) dx[i] += g[i];
+    B::for_each_2d(shape{x.dims.rows, count}, copy_block<T>{dx, x.dims.rows, g, x.dims.rows, true});
   }
 };
 
@@ -137,14 +160,13 @@ struct concat_cols_entry {
   std::uint32_t out;
   template <class TapeT>
   void backward(TapeT& t) const {
+    using B = typename TapeT::backend_type;
     const T* g = t.adjoint_if(out);
     if (!g) return;
     for (std::uint32_t p = 0; p < count; ++p) {
       const operand<T>& x = parts[p];
-      const long n = x.dims.size();
-      if (T* dx = t.adjoint_of(x))
-        for (long i = 0; i < n; ++i) dx[i] += g[i];
-      g += n;
+      if (T* dx = t.adjoint_of(x)) B::for_each_2d(x.dims, copy_block<T>{dx, x.dims.rows, g, x.dims.rows, true});
+      g += x.dims.size();
     }
   }
 };
@@ -178,11 +200,9 @@ auto slice_rows(X&& xin, int begin, int count) {
   using T = typename std::remove_reference_t<decltype(t)>::value_type;
   const std::uint32_t first = static_cast<std::uint32_t>(t.node_count());
   const std::uint32_t out = t.new_output({count, s.cols}, "slice_rows", op_kind::layout, x.ref.requires_grad);
-  if (!t.is_replayed(out)) {
-    T* y = t.node(out).value;
-    for (int j = 0; j < s.cols; ++j)
-      for (int i = 0; i < count; ++i) y[i + static_cast<long>(j) * count] = x.ref.value[begin + i + static_cast<long>(j) * s.rows];
-  }
+  using B = typename std::remove_reference_t<decltype(t)>::backend_type;
+  if (!t.is_replayed(out))
+    B::for_each_2d(shape{count, s.cols}, detail::copy_block<T>{t.node(out).value, count, x.ref.value + begin, s.rows, false});
   if (x.ref.requires_grad) t.push_entry(detail::slice_rows_entry<T>{x.ref, out, begin, count}, first);
   return t.var_of(out);
 }
@@ -290,8 +310,7 @@ Var<T, B> concat_rows(std::span<const Var<T, B>> parts) {
     T* y = t.node(out).value;
     int offset = 0;
     for (const auto& x : g.refs) {
-      for (int j = 0; j < cols; ++j)
-        for (int i = 0; i < x.dims.rows; ++i) y[offset + i + static_cast<long>(j) * rows] = x.value[i + static_cast<long>(j) * x.dims.rows];
+      B::for_each_2d(x.dims, detail::copy_block<T>{y + offset, rows, x.value, x.dims.rows, false});
       offset += x.dims.rows;
     }
   }

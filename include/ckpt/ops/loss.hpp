@@ -14,27 +14,74 @@ namespace ckpt {
 
 namespace detail {
 
+/// log(sum_i exp(x_i)) of one column, stably (the column's maximum taken out first).
+template <class T>
+CKPT_HOST_DEVICE T column_logsumexp(const T* in, int rows, T& mx, T& sum) {
+  mx = -fn::infinity<T>();
+  for (int i = 0; i < rows; ++i) mx = fn::max_(mx, in[i]);
+  sum = T(0);
+  for (int i = 0; i < rows; ++i) sum += fn::exp_(in[i] - mx);
+  return mx + fn::log_(sum);
+}
+
+/// Column j's loss term: log-sum-exp minus the labelled logit.
+template <class T>
+struct cross_entropy_term {
+  const T* x;
+  const int* labels;
+  int rows;
+  CKPT_HOST_DEVICE T operator()(long j) const {
+    const T* in = x + j * rows;
+    T mx, sum;
+    return column_logsumexp(in, rows, mx, sum) - in[labels[j]];
+  }
+};
+template <class T>
+struct mean_over {
+  int n;
+  CKPT_HOST_DEVICE T operator()(accumulator_t<T> total) const { return n > 0 ? static_cast<T>(total / n) : T(0); }
+};
+
+/// dx of column j: scale * (softmax(x) - onehot(label)).
+template <class T>
+struct cross_entropy_back {
+  const T* x;
+  const int* labels;
+  T* dx;
+  int rows;
+  T scale;
+  CKPT_HOST_DEVICE void operator()(long j) const {
+    const T* in = x + j * rows;
+    T mx, sum;
+    column_logsumexp(in, rows, mx, sum);
+    T* d = dx + j * rows;
+    for (int i = 0; i < rows; ++i) d[i] += scale * (fn::exp_(in[i] - mx) / sum - (i == labels[j] ? T(1) : T(0)));
+  }
+};
+
+/// Labels live in a node's buffer (on the backend, released with the entry like any
+/// activation); a T holds an int.
+template <class TapeT>
+const int* labels_of(TapeT& t, std::uint32_t node) {
+  static_assert(sizeof(typename TapeT::value_type) >= sizeof(int));
+  return reinterpret_cast<const int*>(static_cast<const void*>(t.node(node).value));
+}
+
 template <class T>
 struct cross_entropy_entry {
   operand<T> x;
-  const int* labels;
+  std::uint32_t labels;  // the node whose buffer holds the labels (ints)
   std::uint32_t out;
   template <class TapeT>
   void backward(TapeT& t) const {
+    using B = typename TapeT::backend_type;
     const T* g = t.adjoint_if(out);
     if (!g) return;
     T* dx = t.adjoint_of(x);
-    const int r = x.dims.rows, n = x.dims.cols;
-    const T scale = g[0] / static_cast<T>(n);
-    for (int j = 0; j < n; ++j) {
-      const T* in = x.value + static_cast<long>(j) * r;
-      T mx = -std::numeric_limits<T>::infinity();
-      for (int i = 0; i < r; ++i) mx = std::max(mx, in[i]);
-      T sum(0);
-      for (int i = 0; i < r; ++i) sum += std::exp(in[i] - mx);
-      T* d = dx + static_cast<long>(j) * r;
-      for (int i = 0; i < r; ++i) d[i] += scale * (std::exp(in[i] - mx) / sum - (i == labels[j] ? T(1) : T(0)));
-    }
+    T g0;
+    B::to_host(&g0, g, 1);
+    const int n = x.dims.cols;
+    B::for_each(n, cross_entropy_back<T>{x.value, labels_of(t, labels), dx, x.dims.rows, g0 / static_cast<T>(n)});
   }
 };
 
@@ -53,25 +100,18 @@ auto cross_entropy(X&& logits, std::span<const int> labels) {
   auto x = detail::resolve(logits, "cross_entropy");
   auto& t = detail::tape_of(x, "cross_entropy");
   using T = typename std::remove_reference_t<decltype(t)>::value_type;
+  using B = typename std::remove_reference_t<decltype(t)>::backend_type;
   const std::uint32_t begin = static_cast<std::uint32_t>(t.node_count());
+  // The labels go to the backend in a node of their own, so that forward and reverse kernels
+  // read them there; the sweep releases it after the entry.
+  const std::uint32_t stored = t.new_output({1, s.cols}, "cross_entropy.labels", op_kind::reduction, false, false);
+  static_assert(sizeof(T) >= sizeof(int));
+  int* label_buffer = reinterpret_cast<int*>(static_cast<void*>(t.node(stored).value));
+  B::from_host(label_buffer, labels.data(), static_cast<long>(labels.size()));
   const std::uint32_t out = t.new_output({1, 1}, "cross_entropy", op_kind::reduction, x.ref.requires_grad);
-  if (!t.is_replayed(out)) {
-    // The batch's terms are added in the order of detail/accumulate.hpp.
-    const auto total = detail::lane_sum<T>(s.cols, [&](long j) {
-      const T* in = x.ref.value + j * s.rows;
-      T mx = -std::numeric_limits<T>::infinity();
-      for (int i = 0; i < s.rows; ++i) mx = std::max(mx, in[i]);
-      T sum(0);
-      for (int i = 0; i < s.rows; ++i) sum += std::exp(in[i] - mx);
-      return mx + std::log(sum) - in[labels[static_cast<std::size_t>(j)]];
-    });
-    t.node(out).value[0] = s.cols > 0 ? static_cast<T>(total / s.cols) : T(0);
-  }
-  if (x.ref.requires_grad) {
-    int* stored = t.template make_array<int>(labels.size());
-    std::copy(labels.begin(), labels.end(), stored);
-    t.push_entry(detail::cross_entropy_entry<T>{x.ref, stored, out}, begin);
-  }
+  if (!t.is_replayed(out))  // the batch's terms are added in the order of detail/accumulate.hpp
+    B::sum(t.node(out).value, s.cols, detail::cross_entropy_term<T>{x.ref.value, label_buffer, s.rows}, detail::mean_over<T>{s.cols});
+  if (x.ref.requires_grad) t.push_entry(detail::cross_entropy_entry<T>{x.ref, stored, out}, begin);
   return t.var_of(out);
 }
 template <expr::Operand X>

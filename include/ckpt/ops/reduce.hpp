@@ -11,6 +11,24 @@ namespace ckpt {
 
 namespace detail {
 
+/// The terms of a reduction: the expression's elements, by flat index or by coordinates.
+template <class E>
+struct flat_term {
+  E e;
+  CKPT_HOST_DEVICE typename E::value_type operator()(long i) const { return e.at(i); }
+};
+template <class E>
+struct grid_term {
+  E e;
+  CKPT_HOST_DEVICE typename E::value_type operator()(int r, int c) const { return e.at(r, c); }
+};
+/// The accumulated sum times a scale, rounded to T once.
+template <class T>
+struct scaled_total {
+  accumulator_t<T> scale;
+  CKPT_HOST_DEVICE T operator()(accumulator_t<T> total) const { return static_cast<T>(total * scale); }
+};
+
 template <class E>
 struct reduce_entry {
   using T = typename E::value_type;
@@ -22,12 +40,14 @@ struct reduce_entry {
 
   template <class TapeT>
   void backward(TapeT& t) const {
+    using B = typename TapeT::backend_type;
     const T* g = t.adjoint_if(out);
     if (!g) return;
     E bound = e;
     bound.bind(t);
-    const T gs = g[0] * scale;
-    expr::backpropagate_with(bound, [gs](long) { return gs; }, dims, dense);
+    T g0;
+    B::to_host(&g0, g, 1);
+    expr::backpropagate_with(bound, expr::constant_source<T>{g0 * scale}, dims, dense);
   }
 };
 
@@ -47,12 +67,12 @@ auto record_reduce(const E& expression, const char* op, bool average) {
   const std::uint32_t out = t->new_output({1, 1}, op, op_kind::reduction, grad, true, &form_tag<E>);
   if (!t->is_replayed(out)) {
     using A = accumulator_t<T>;
-    const A acc = dense ? lane_sum<T>(s.size(), [&e](long i) { return e.at(i); })
-                        : lane_sum<T>(s, [&e](int r, int c) { return e.at(r, c); });
-    const A average_scale = average ? (s.size() > 0 ? A(1) / static_cast<A>(s.size()) : A(0)) : A(1);
-    const T v = static_cast<T>(acc * average_scale);
     using Bk = typename E::backend_type;
-    Bk::copy(t->node(out).value, &v, 1);
+    const scaled_total<T> finish{average ? (s.size() > 0 ? A(1) / static_cast<A>(s.size()) : A(0)) : A(1)};
+    if (dense)
+      Bk::sum(t->node(out).value, s.size(), flat_term<E>{e}, finish);
+    else
+      Bk::sum_2d(t->node(out).value, s, grid_term<E>{e}, finish);
   }
   if (grad) t->push_entry(reduce_entry<E>{e, out, s, dense, scale}, begin);
   return t->var_of(out);

@@ -12,6 +12,51 @@ namespace ckpt {
 
 namespace detail {
 
+// One call per column (sample) for the column-wise work, one per row (feature) for what sums
+// over the batch: bodies are functors, so the CUDA backend runs them as kernels.
+
+template <class T>
+struct softmax_forward {
+  const T* in;
+  T* y;
+  int rows;
+  bool log;
+  CKPT_HOST_DEVICE void operator()(long j) const {
+    const long o = j * rows;
+    T mx = -fn::infinity<T>();
+    for (int i = 0; i < rows; ++i) mx = fn::max_(mx, in[o + i]);
+    T sum(0);
+    for (int i = 0; i < rows; ++i) sum += fn::exp_(in[o + i] - mx);
+    if (log) {
+      const T lse = mx + fn::log_(sum);
+      for (int i = 0; i < rows; ++i) y[o + i] = in[o + i] - lse;
+    } else {
+      for (int i = 0; i < rows; ++i) y[o + i] = fn::exp_(in[o + i] - mx) / sum;
+    }
+  }
+};
+
+template <class T>
+struct softmax_reverse {
+  const T* g;
+  const T* y;
+  T* dx;
+  int rows;
+  bool log;
+  CKPT_HOST_DEVICE void operator()(long j) const {
+    const long o = j * rows;
+    if (log) {
+      T gs(0);
+      for (int i = 0; i < rows; ++i) gs += g[o + i];
+      for (int i = 0; i < rows; ++i) dx[o + i] += g[o + i] - fn::exp_(y[o + i]) * gs;
+    } else {
+      T dot(0);
+      for (int i = 0; i < rows; ++i) dot += g[o + i] * y[o + i];
+      for (int i = 0; i < rows; ++i) dx[o + i] += y[o + i] * (g[o + i] - dot);
+    }
+  }
+};
+
 template <class T>
 struct softmax_entry {
   operand<T> x;
@@ -19,23 +64,10 @@ struct softmax_entry {
   bool log;
   template <class TapeT>
   void backward(TapeT& t) const {
+    using B = typename TapeT::backend_type;
     const T* g = t.adjoint_if(out);
     if (!g) return;
-    T* dx = t.adjoint_of(x);
-    const T* y = t.node(out).value;
-    const int r = x.dims.rows;
-    for (int j = 0; j < x.dims.cols; ++j) {
-      const long o = static_cast<long>(j) * r;
-      if (log) {
-        T gs(0);
-        for (int i = 0; i < r; ++i) gs += g[o + i];
-        for (int i = 0; i < r; ++i) dx[o + i] += g[o + i] - std::exp(y[o + i]) * gs;
-      } else {
-        T dot(0);
-        for (int i = 0; i < r; ++i) dot += g[o + i] * y[o + i];
-        for (int i = 0; i < r; ++i) dx[o + i] += y[o + i] * (g[o + i] - dot);
-      }
-    }
+    B::for_each(x.dims.cols, softmax_reverse<T>{g, t.node(out).value, t.adjoint_of(x), x.dims.rows, log});
   }
 };
 
@@ -46,26 +78,85 @@ Var<T, B> softmax_impl(const resolved<T, B>& x, bool log) {
   const shape s = x.ref.dims;
   const std::uint32_t begin = static_cast<std::uint32_t>(t.node_count());
   const std::uint32_t out = t.new_output(s, op, op_kind::rowwise, x.ref.requires_grad);
-  if (!t.is_replayed(out)) {
-    T* y = t.node(out).value;
-    const T* in = x.ref.value;
-    for (int j = 0; j < s.cols; ++j) {
-      const long o = static_cast<long>(j) * s.rows;
-      T mx = -std::numeric_limits<T>::infinity();
-      for (int i = 0; i < s.rows; ++i) mx = std::max(mx, in[o + i]);
-      T sum(0);
-      for (int i = 0; i < s.rows; ++i) sum += std::exp(in[o + i] - mx);
-      if (log) {
-        const T lse = mx + std::log(sum);
-        for (int i = 0; i < s.rows; ++i) y[o + i] = in[o + i] - lse;
-      } else {
-        for (int i = 0; i < s.rows; ++i) y[o + i] = std::exp(in[o + i] - mx) / sum;
-      }
-    }
-  }
+  if (!t.is_replayed(out)) B::for_each(s.cols, softmax_forward<T>{x.ref.value, t.node(out).value, s.rows, log});
   if (x.ref.requires_grad) t.push_entry(softmax_entry<T>{x.ref, out, log}, begin);
   return t.var_of(out);
 }
+
+/// Normalises column j: stats (mean, 1/std) and y = gain * xhat + bias.
+template <class T>
+struct norm_forward {
+  const T* in;
+  const T* gain;
+  const T* bias;  // null when absent
+  T* y;
+  T* st;
+  int rows;
+  T eps;
+  bool centred;
+  CKPT_HOST_DEVICE void operator()(long j) const {
+    const long o = j * rows;
+    const T inv_r = T(1) / static_cast<T>(rows);
+    T mu(0);
+    if (centred) {
+      for (int i = 0; i < rows; ++i) mu += in[o + i];
+      mu *= inv_r;
+    }
+    T var(0);
+    for (int i = 0; i < rows; ++i) var += (in[o + i] - mu) * (in[o + i] - mu);
+    const T rstd = T(1) / fn::sqrt_(var * inv_r + eps);
+    st[2 * j] = mu;
+    st[2 * j + 1] = rstd;
+    for (int i = 0; i < rows; ++i) y[o + i] = gain[i] * ((in[o + i] - mu) * rstd) + (bias ? bias[i] : T(0));
+  }
+};
+
+/// dx of column j.
+template <class T>
+struct norm_reverse_input {
+  const T* g;
+  const T* x;
+  const T* gain;
+  const T* st;
+  T* dx;
+  int rows;
+  bool centred;
+  CKPT_HOST_DEVICE void operator()(long j) const {
+    const long o = j * rows;
+    const T inv_r = T(1) / static_cast<T>(rows);
+    const T mu = centred ? st[2 * j] : T(0), rstd = st[2 * j + 1];
+    T sum_d(0), sum_dx(0);
+    for (int i = 0; i < rows; ++i) {
+      const T xhat = (x[o + i] - mu) * rstd;
+      const T d = g[o + i] * gain[i];
+      sum_d += d;
+      sum_dx += d * xhat;
+    }
+    const T mean_d = centred ? sum_d * inv_r : T(0), mean_dx = sum_dx * inv_r;
+    for (int i = 0; i < rows; ++i) {
+      const T xhat = (x[o + i] - mu) * rstd;
+      dx[o + i] += rstd * (g[o + i] * gain[i] - mean_d - xhat * mean_dx);
+    }
+  }
+};
+
+/// d gain and d bias: element (i, j) adds column j's share into row i's.
+template <class T>
+struct norm_reverse_affine {
+  const T* g;
+  const T* x;
+  const T* st;
+  T* dgain;  // either may be null
+  T* dbias;
+  int rows;
+  bool centred;
+  CKPT_HOST_DEVICE void operator()(int i, int j) const {
+    const long k = i + static_cast<long>(j) * rows;
+    const T mu = centred ? st[2 * j] : T(0), rstd = st[2 * j + 1];
+    if (dgain) dgain[i] += g[k] * ((x[k] - mu) * rstd);
+    if (dbias) dbias[i] += g[k];
+  }
+};
 
 /// Shared by layer_norm (centred) and rms_norm (not centred).
 template <class T>
@@ -75,6 +166,7 @@ struct norm_entry {
   bool centred;
   template <class TapeT>
   void backward(TapeT& t) const {
+    using B = typename TapeT::backend_type;
     const T* g = t.adjoint_if(out);
     if (!g) return;
     T* dx = t.adjoint_of(x);
@@ -82,26 +174,8 @@ struct norm_entry {
     T* dbias = bias.value ? t.adjoint_of(bias) : nullptr;
     const T* st = t.node(stats).value;
     const int r = x.dims.rows;
-    const T inv_r = T(1) / static_cast<T>(r);
-    for (int j = 0; j < x.dims.cols; ++j) {
-      const long o = static_cast<long>(j) * r;
-      const T mu = centred ? st[2 * j] : T(0), rstd = st[2 * j + 1];
-      T sum_d(0), sum_dx(0);
-      for (int i = 0; i < r; ++i) {
-        const T xhat = (x.value[o + i] - mu) * rstd;
-        const T d = g[o + i] * gain.value[i];
-        sum_d += d;
-        sum_dx += d * xhat;
-        if (dgain) dgain[i] += g[o + i] * xhat;
-        if (dbias) dbias[i] += g[o + i];
-      }
-      if (!dx) continue;
-      const T mean_d = centred ? sum_d * inv_r : T(0), mean_dx = sum_dx * inv_r;
-      for (int i = 0; i < r; ++i) {
-        const T xhat = (x.value[o + i] - mu) * rstd;
-        dx[o + i] += rstd * (g[o + i] * gain.value[i] - mean_d - xhat * mean_dx);
-      }
-    }
+    if (dgain || dbias) B::for_each_row(x.dims, norm_reverse_affine<T>{g, x.value, st, dgain, dbias, r, centred});
+    if (dx) B::for_each(x.dims.cols, norm_reverse_input<T>{g, x.value, gain.value, st, dx, r, centred});
   }
 };
 
@@ -123,25 +197,8 @@ Var<T, B> norm_impl(const resolved<T, B>& x, const resolved<T, B>& gain, const r
   const std::uint32_t begin = static_cast<std::uint32_t>(t.node_count());
   const std::uint32_t stats = t.new_output({2, s.cols}, centred ? "layer_norm.stats" : "rms_norm.stats", op_kind::rowwise, false, false);
   const std::uint32_t out = t.new_output(s, op, op_kind::rowwise, grad, false);
-  T* st = t.node(stats).value;
-  T* y = t.node(out).value;
-  const T* in = x.ref.value;
-  const T inv_r = T(1) / static_cast<T>(s.rows);
-  for (int j = 0; j < s.cols; ++j) {
-    const long o = static_cast<long>(j) * s.rows;
-    T mu(0);
-    if (centred) {
-      for (int i = 0; i < s.rows; ++i) mu += in[o + i];
-      mu *= inv_r;
-    }
-    T var(0);
-    for (int i = 0; i < s.rows; ++i) var += (in[o + i] - mu) * (in[o + i] - mu);
-    const T rstd = T(1) / std::sqrt(var * inv_r + eps);
-    st[2 * j] = mu;
-    st[2 * j + 1] = rstd;
-    for (int i = 0; i < s.rows; ++i)
-      y[o + i] = gain.ref.value[i] * ((in[o + i] - mu) * rstd) + (bias ? bias->ref.value[i] : T(0));
-  }
+  B::for_each(s.cols, norm_forward<T>{x.ref.value, gain.ref.value, bias ? bias->ref.value : nullptr, t.node(out).value,
+                                      t.node(stats).value, s.rows, eps, centred});
   if (grad) t.push_entry(norm_entry<T>{x.ref, gain.ref, bias ? bias->ref : operand<T>{}, out, stats, centred}, begin);
   return t.var_of(out);
 }

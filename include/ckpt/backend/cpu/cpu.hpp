@@ -1,6 +1,8 @@
 // ckpt — the CPU backend: host memory, Eigen containers and loops, BLAS (or Eigen) products.
 #pragma once
 #include "ckpt/config.hpp"
+#include "ckpt/core/shape.hpp"
+#include "ckpt/detail/accumulate.hpp"
 
 #include <Eigen/Core>
 
@@ -58,10 +60,14 @@ inline bool use_blas() {
 }
 }  // namespace detail
 
-/// Tensors live in host memory; products go to BLAS when CKPT_USE_BLAS is defined.
+/// Tensors live in host memory; products go to BLAS when CKPT_USE_BLAS is defined. The loops
+/// (for_each, for_each_2d, for_each_row, sum) run in order on the calling thread: the orders
+/// they promise are the orders the reverse-mode tests compare bit for bit.
 struct cpu {
   static constexpr const char* name = "cpu";
   static constexpr std::size_t alignment = 64;
+  /// Loop bodies run one after another, so two iterations may add into the same element.
+  static constexpr bool concurrent = false;
 
   /// "blas" or "eigen": where this process sends matrix products.
   static const char* gemm_engine() { return detail::use_blas() ? "blas" : "eigen"; }
@@ -79,6 +85,51 @@ struct cpu {
   template <class T>
   static void copy(T* dst, const T* src, long n) {
     std::memcpy(dst, src, static_cast<std::size_t>(n) * sizeof(T));
+  }
+
+  /// Host <-> backend copies: the same memory here.
+  template <class T>
+  static void to_host(T* host, const T* src, long n) {
+    copy(host, src, n);
+  }
+  template <class T>
+  static void from_host(T* dst, const T* host, long n) {
+    copy(dst, host, n);
+  }
+  /// Waits for queued work (none on the CPU).
+  static void synchronize() {}
+
+  // ---------------------------------------------------------------- loops
+  // The loop primitives every op is written with. f is a functor whose call operator is
+  // CKPT_HOST_DEVICE, so that the CUDA backend runs the same body in a kernel.
+
+  /// f(i) for i in [0, n). Iterations may run concurrently on other backends.
+  template <class F>
+  static void for_each(long n, const F& f) {
+    for (long i = 0; i < n; ++i) f(i);
+  }
+  /// f(r, c) for every element of a rows x cols tensor (column by column here).
+  template <class F>
+  static void for_each_2d(shape s, const F& f) {
+    for (int c = 0; c < s.cols; ++c)
+      for (int r = 0; r < s.rows; ++r) f(r, c);
+  }
+  /// f(r, c) for every element, with the calls for one row in increasing c, one after
+  /// another (rows may run concurrently elsewhere): f may add into an element owned by row r.
+  template <class F>
+  static void for_each_row(shape s, const F& f) {
+    for_each_2d(s, f);  // column by column keeps each row's calls in increasing c
+  }
+  /// out[0] = finish(sum of term(i) for i < n), added in the order of detail/accumulate.hpp.
+  template <class T, class F, class Finish>
+  static void sum(T* out, long n, const F& term, const Finish& finish) {
+    *out = finish(ckpt::detail::lane_sum<T>(n, term));
+  }
+  /// The same over the elements of a rows x cols tensor, term(r, c), element (r, c) being
+  /// term number r + c * rows.
+  template <class T, class F, class Finish>
+  static void sum_2d(T* out, shape s, const F& term, const Finish& finish) {
+    *out = finish(ckpt::detail::lane_sum<T>(s, term));
   }
 
   /// C = alpha * op(A) * op(B) + beta * C, column-major; op(A) is m x k, op(B) is k x n.
