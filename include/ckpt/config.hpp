@@ -9,6 +9,12 @@
 // the expression nodes and their derivative rules are written once for both backends.
 #if defined(__CUDACC__)
 #define CKPT_HOST_DEVICE __host__ __device__
+// Eigen is the host-side container here (inputs, results, the CPU backend); device code never
+// calls it. Without this, nvcc compiles Eigen's own __host__ __device__ annotations, which
+// warn under -Werror. (Include ckpt headers before Eigen's in a .cu file.)
+#ifndef EIGEN_NO_CUDA
+#define EIGEN_NO_CUDA
+#endif
 #else
 #define CKPT_HOST_DEVICE
 #endif

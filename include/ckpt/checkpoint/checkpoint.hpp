@@ -132,6 +132,9 @@ struct checkpoint_entry {
     for (std::uint32_t k = 0; k < output_count; ++k)
       if (output_offset[k] != no_node && t.adjoint_if(output_node[k])) any = true;
     if (!any) return;
+    // An input that policy::offload moved to host memory comes back first (and the one the
+    // previous entry needs starts its copy back, behind this entry's re-trace).
+    for (const auto& in : inputs) t.make_resident(in.index());
     for (std::uint32_t k = 0; k < use_count; ++k) t.adjoint_of(uses[k]);
     // The boundary values are dead now (their consumers were swept): free them before the
     // re-trace needs memory, unless the re-trace replays them.

@@ -68,13 +68,19 @@ struct selective {
   static std::size_t segment_length(std::size_t n) { return K ? K : sqrt_n::segment_length(n); }
 };
 
-/// Checkpoint boundaries kept in host memory (CUDA backend); segments as in Inner. On the CPU
-/// backend the boundaries already are in host memory and stay in place.
+/// Checkpoint boundaries kept in host memory (CUDA backend); segments as in Inner. The
+/// boundaries between checkpointed segments move to pinned host memory on a side stream during
+/// forward and come back ahead of need during reverse (Tape::offload, make_resident). On the
+/// CPU backend the boundaries already are in host memory and stay in place.
 template <SegmentingPolicy Inner = sqrt_n>
 struct offload : Inner {
   static constexpr bool offload_boundaries = true;
 };
 
 }  // namespace policy
+
+/// Whether P keeps checkpoint boundaries in host memory (policy::offload).
+template <class P>
+inline constexpr bool offloads_boundaries = requires { requires P::offload_boundaries; };
 
 }  // namespace ckpt

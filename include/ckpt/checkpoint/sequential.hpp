@@ -96,8 +96,15 @@ Var<T, B> sequential(std::size_t n, Step&& step, const Var<T, B>& x) {
     }
     const S* kept = t.keep_object(S(std::forward<Step>(step)));
     std::size_t i = 0;
-    for (; i + k < n; i += k)
-      y = checkpoint<typename P::save>("sequential", detail::chain_segment<S>{kept, i, i + k}, y);
+    for (; i + k < n; i += k) {
+      Var<T, B> next = checkpoint<typename P::save>("sequential", detail::chain_segment<S>{kept, i, i + k}, y);
+      // policy::offload: a boundary between two checkpointed segments is read again only by
+      // the second one's re-trace, so it can wait in host memory (the chain's input cannot: it
+      // is the caller's; nor the last boundary: the rest of the chain is recorded on it).
+      if constexpr (offloads_boundaries<P>)
+        if (i > 0 && next.index() != y.index()) t.offload(y.index());
+      y = next;
+    }
     for (; i < n; ++i) y = (*kept)(i, y);
     return y;
   }

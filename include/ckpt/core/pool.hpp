@@ -19,10 +19,16 @@ namespace ckpt {
 /// Byte counters of a tape. `bytes` is what the tape holds now (values, adjoints and saved
 /// extras such as normalisation statistics), `peak_bytes` its maximum since the last reset,
 /// `reserved_bytes` what the pool holds from the backend including cached free buffers.
+/// With policy::offload on a device backend, `host_bytes` / `host_peak_bytes` count the pinned
+/// host memory that holds offloaded values (and `host_reserved_bytes` what the tape caches);
+/// the other three count backend (device) memory only.
 struct memory_stats {
   std::size_t bytes = 0;
   std::size_t peak_bytes = 0;
   std::size_t reserved_bytes = 0;
+  std::size_t host_bytes = 0;
+  std::size_t host_peak_bytes = 0;
+  std::size_t host_reserved_bytes = 0;
 };
 
 template <Backend B>

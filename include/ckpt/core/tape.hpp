@@ -26,6 +26,7 @@
 #include <utility>
 #include <string_view>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 namespace ckpt {
@@ -100,6 +101,18 @@ enum node_flag : std::uint16_t {
   replayable = 64, // its op can take a saved value instead of recomputing (selective policies)
   consumable = 128,  // no entry of its own op reads it in reverse (see Tape::consume)
   consumed = 256,    // freed after the expression it was passed to as a temporary was computed
+  offloaded = 512,   // its value is (on its way) in host memory: policy::offload, Tape::offload
+};
+
+/// A value moved to pinned host memory (Tape::offload) and where it stands.
+struct offload_record {
+  enum state_t : std::uint8_t { to_host, on_host, to_device, resident };
+  std::uint32_t node;
+  std::size_t bytes;
+  void* host = nullptr;
+  void* device = nullptr;  // the device buffer while the record holds it (to_device)
+  void* event = nullptr;   // the copy in flight (to_host, to_device)
+  state_t state = to_host;
 };
 
 /// One node of a recording's signature: what a checkpoint's re-trace must record again.
@@ -262,7 +275,10 @@ class Tape {
   explicit Tape(tape_options options = {}) : meta_(options.chunk_bytes) {}
   Tape(const Tape&) = delete;
   Tape& operator=(const Tape&) = delete;
-  ~Tape() { reset_to(ckpt::position{}); }
+  ~Tape() {
+    reset_to(ckpt::position{});
+    trim_host();
+  }
 
   // ---------------------------------------------------------------- leaves
 
@@ -311,6 +327,7 @@ class Tape {
       seed += current;
     }
     B::from_host(g, &seed, 1);
+    prefetch_before(offloads_.size());  // the newest offloaded value is the first needed back
     sweep(0);
   }
 
@@ -350,6 +367,7 @@ class Tape {
 
   /// Drops everything recorded after `p`; Vars made after it become invalid.
   void reset_to(const ckpt::position& p) noexcept {
+    settle_offloads(p.nodes);
     for (std::size_t i = nodes_.size(); i-- > p.nodes;) release_node(nodes_[i]);
     while (owned_.size() > p.owned) owned_.pop_back();
     nodes_.resize(p.nodes);
@@ -382,13 +400,20 @@ class Tape {
     ++step_;
     rng_counter_ = 0;
     pool_.reset_peak();
+    host_peak_bytes_ = host_bytes_;
     counters_ = {};
     created_ = 0;
   }
 
   // ---------------------------------------------------------------- figures
 
-  memory_stats memory() const { return pool_.stats(); }
+  memory_stats memory() const {
+    memory_stats m = pool_.stats();
+    m.host_bytes = host_bytes_;
+    m.host_peak_bytes = host_peak_bytes_;
+    m.host_reserved_bytes = host_reserved_bytes_;
+    return m;
+  }
   std::size_t bytes() const { return pool_.stats().bytes; }
   std::size_t peak_bytes() const { return pool_.stats().peak_bytes; }
   std::size_t entry_count() const { return entries_.size(); }
@@ -412,6 +437,60 @@ class Tape {
   /// that produced a non-finite value.
   void set_check_finite(bool on) { check_finite_ = on; }
 
+  // ---------------------------------------------------------------- offload (policy::offload)
+
+  /// Moves node i's value to pinned host memory on the backend's copy stream, while compute
+  /// goes on; the device buffer returns to the pool once the copy is done. make_resident()
+  /// brings it back (a checkpoint's reverse does, and prefetches the value needed next). A
+  /// no-op on backends whose memory is host memory (the CPU: the value stays in place), and
+  /// for values the tape does not own or must keep readable (retained).
+  void offload(std::uint32_t i) {
+    if constexpr (B::offloads) {
+      node_type& n = nodes_[i];
+      if (!n.has(detail::owns_value) || !n.value || n.has(detail::retained) || n.has(detail::offloaded)) return;
+      detail::offload_record r{i, bytes_of(n.dims)};
+      r.host = host_acquire(r.bytes);
+      r.device = n.value;
+      r.event = B::copy_to_host_async(r.host, r.device, r.bytes);
+      n.flags |= detail::offloaded;
+      offloads_.push_back(r);
+      ++offloads_in_flight_;
+      poll_offloads();
+    } else {
+      (void)i;
+    }
+  }
+
+  /// Makes node i's value readable on the backend again (waits for, or starts, its copy back)
+  /// and starts copying back the offloaded value before it, which the sweep needs next.
+  void make_resident(std::uint32_t i) {
+    if constexpr (B::offloads) {
+      for (std::size_t k = offloads_.size(); k-- > 0;) {
+        detail::offload_record& r = offloads_[k];
+        if (r.node != i) continue;
+        node_type& n = nodes_[i];
+        if (r.state == detail::offload_record::to_host) {  // still on the device: cancel
+          B::release_event(r.event);
+          --offloads_in_flight_;
+          host_release(r.host, r.bytes);
+        } else {
+          if (r.state == detail::offload_record::on_host) prefetch(r);
+          B::wait_event(r.event);  // compute waits for the copy, the host does not
+          host_release(r.host, r.bytes);  // later copies into it are ordered after this one
+          n.value = static_cast<T*>(r.device);
+          n.flags |= detail::owns_value;
+        }
+        r.event = r.host = r.device = nullptr;
+        r.state = detail::offload_record::resident;
+        n.flags &= static_cast<std::uint16_t>(~detail::offloaded);
+        prefetch_before(k);
+        return;
+      }
+    } else {
+      (void)i;
+    }
+  }
+
   // ---------------------------------------------------------------- for ops (not for users)
 
   /// Validates a Var used by `op`: same tape, recorded since the last reset, still held.
@@ -428,6 +507,9 @@ class Tape {
     if (n.has(detail::released))
       throw tape_error(detail::cat(op, ": the value of Var #", v.index(), " ('", n.op, "', ", n.dims,
                                    ") was released by backward; call tape.retain(v) before backward to keep it"));
+    if (n.has(detail::offloaded))
+      throw tape_error(detail::cat(op, ": the value of Var #", v.index(), " ('", n.op, "', ", n.dims,
+                                   ") is offloaded to host memory (policy::offload) until the checkpoint that reads it re-traces"));
   }
 
   /// An operand reference for an entry, after validation. Notes captured outer values when a
@@ -447,6 +529,7 @@ class Tape {
   std::uint32_t new_node(shape s, const char* op, op_kind kind, std::uint16_t flags, bool allocate = true,
                          const void* form = nullptr) {
     if (retrace_ && retrace_->nested_forwards == 0) check_retrace(s, op, form);
+    if (offloads_in_flight_) poll_offloads();
     node_type n;
     n.dims = s;
     n.epoch = epoch_;
@@ -719,7 +802,100 @@ class Tape {
     return false;
   }
 
+  // Offload bookkeeping (only backends with B::offloads use it).
+  void poll_offloads() noexcept {
+    if constexpr (B::offloads) {
+      for (auto& r : offloads_) {
+        if (r.state != detail::offload_record::to_host || !B::event_done(r.event)) continue;
+        B::release_event(r.event);
+        r.event = nullptr;
+        node_type& n = nodes_[r.node];
+        pool_.release(r.device, r.bytes);
+        n.value = nullptr;
+        n.flags &= static_cast<std::uint16_t>(~detail::owns_value);
+        r.device = nullptr;
+        r.state = detail::offload_record::on_host;
+        --offloads_in_flight_;
+      }
+    }
+  }
+  void prefetch(detail::offload_record& r) {
+    if constexpr (B::offloads) {
+      r.device = pool_.acquire(r.bytes);
+      r.event = B::copy_to_device_async(r.device, r.host, r.bytes);
+      r.state = detail::offload_record::to_device;
+    }
+  }
+  /// Starts copying back the newest value offloaded before record k.
+  void prefetch_before(std::size_t k) {
+    if constexpr (B::offloads) {
+      poll_offloads();
+      while (k-- > 0)
+        if (offloads_[k].state == detail::offload_record::on_host) {
+          prefetch(offloads_[k]);
+          return;
+        }
+    } else {
+      (void)k;
+    }
+  }
+  /// Ends the offloads of nodes from `first` on: waits for copies in flight and gives their
+  /// buffers back (a roll-back or reset drops those nodes).
+  void settle_offloads(std::uint32_t first) noexcept {
+    if constexpr (B::offloads) {
+      while (!offloads_.empty() && offloads_.back().node >= first) {
+        detail::offload_record& r = offloads_.back();
+        if (r.event) B::finish_event(r.event);
+        if (r.state == detail::offload_record::to_host) --offloads_in_flight_;
+        if (r.state == detail::offload_record::to_device) pool_.release(r.device, r.bytes);
+        if (r.host) host_release(r.host, r.bytes);
+        if (r.state != detail::offload_record::resident) nodes_[r.node].flags &= static_cast<std::uint16_t>(~detail::offloaded);
+        offloads_.pop_back();
+      }
+    } else {
+      (void)first;
+    }
+  }
+  /// Pinned host buffers, cached by size across steps like the device pool.
+  void* host_acquire(std::size_t bytes) {
+    void* p = nullptr;
+    auto& list = host_free_[bytes];
+    if (!list.empty()) {
+      p = list.back();
+      list.pop_back();
+    } else {
+      if constexpr (B::offloads) p = B::host_allocate(bytes);
+      host_reserved_bytes_ += bytes;
+    }
+    host_bytes_ += bytes;
+    host_peak_bytes_ = std::max(host_peak_bytes_, host_bytes_);
+    return p;
+  }
+  void host_release(void* p, std::size_t bytes) noexcept {
+    host_bytes_ -= bytes;
+    try {
+      host_free_[bytes].push_back(p);
+    } catch (...) {
+      if constexpr (B::offloads) B::host_deallocate(p);
+      host_reserved_bytes_ -= bytes;
+    }
+  }
+  void trim_host() noexcept {
+    for (auto& [bytes, list] : host_free_) {
+      for (void* p : list) {
+        if constexpr (B::offloads) B::host_deallocate(p);
+        (void)p;
+      }
+      host_reserved_bytes_ -= bytes * list.size();
+      list.clear();
+    }
+  }
+
   buffer_pool<B> pool_;
+  std::vector<detail::offload_record> offloads_;  // in the order the values were offloaded
+  std::uint32_t offloads_in_flight_ = 0;          // records in state to_host
+  std::unordered_map<std::size_t, std::vector<void*>> host_free_;
+  std::size_t host_bytes_ = 0, host_peak_bytes_ = 0, host_reserved_bytes_ = 0;
   arena meta_;
   std::vector<node_type> nodes_;
   std::vector<entry_type> entries_;

@@ -68,6 +68,8 @@ struct cpu {
   static constexpr std::size_t alignment = 64;
   /// Loop bodies run one after another, so two iterations may add into the same element.
   static constexpr bool concurrent = false;
+  /// Values are in host memory already: policy::offload keeps boundaries in place.
+  static constexpr bool offloads = false;
 
   /// "blas" or "eigen": where this process sends matrix products.
   static const char* gemm_engine() { return detail::use_blas() ? "blas" : "eigen"; }

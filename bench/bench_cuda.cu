@@ -1,0 +1,298 @@
+// The CUDA backend's costs (nvcc; run by bench/gpu_check.sh on a GPU machine):
+// - an MLP step (forward + backward, float, TF32 products) through ckpt under `none`, `sqrt_n`
+//   and `offload`, against a hand-written cuBLAS step with the same products and fused
+//   bias/activation kernels; the hand-written gradients are checked against ckpt's first;
+// - one large fused elementwise expression against a device-to-device copy of the same bytes;
+// - the offload policy's copies alone (device -> pinned host -> device), to say how much of
+//   them the step hides.
+// Names are <variant>/<layers>/<width>/<batch> (or /<elements>); memory is `peak_bytes`.
+#include <ckpt/cuda.hpp>
+
+#include <benchmark/benchmark.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+using namespace ckpt;
+using ckpt::backend::cuda;
+using Mat = Eigen::MatrixXf;
+
+namespace {
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "bench_cuda: %s: %s\n", what, cudaGetErrorString(e));
+    std::exit(1);
+  }
+}
+
+Mat random_matrix(int rows, int cols, std::uint64_t seed, float scale) {
+  std::mt19937_64 gen(seed);
+  std::uniform_real_distribution<float> d(-scale, scale);
+  Mat m(rows, cols);
+  for (long i = 0; i < m.size(); ++i) m.data()[i] = d(gen);
+  return m;
+}
+
+// ------------------------------------------------------------------ the model, twice
+
+/// y_{l+1} = relu(W_l y_l + b_l), loss = mean(y_L^2): weights shared by both versions.
+struct weights {
+  int layers, width;
+  std::vector<Mat> W, b;
+  weights(int l, int w) : layers(l), width(w) {
+    const float bound = 1.0f / std::sqrt(static_cast<float>(w));
+    for (int i = 0; i < l; ++i) {
+      W.push_back(random_matrix(w, w, 100 + static_cast<std::uint64_t>(i), bound));
+      b.push_back(random_matrix(w, 1, 200 + static_cast<std::uint64_t>(i), bound));
+    }
+  }
+};
+
+struct ckpt_model {
+  std::vector<nn::Linear<float, cuda>> net;
+  explicit ckpt_model(const weights& w) {
+    for (int i = 0; i < w.layers; ++i) net.emplace_back(w.W[static_cast<std::size_t>(i)], w.b[static_cast<std::size_t>(i)]);
+  }
+  template <class P>
+  float step(Tape<float, cuda>& t, const Mat& x) {
+    t.reset();
+    for (auto& l : net) l.zero_grad();
+    auto h = t.constant(x);
+    auto y = sequential<P>(net.size(), [this](std::size_t i, const Var<float, cuda>& v) -> Var<float, cuda> { return relu(net[i](v)); }, h);
+    auto loss = mean(square(y));
+    t.backward(loss);
+    return loss.item();
+  }
+};
+
+__global__ void bias_relu(float* y, const float* b, int rows, long n) {
+  for (long i = blockIdx.x * static_cast<long>(blockDim.x) + threadIdx.x; i < n; i += static_cast<long>(gridDim.x) * blockDim.x) {
+    const float v = y[i] + b[i % rows];
+    y[i] = v > 0.f ? v : 0.f;
+  }
+}
+__global__ void relu_back(float* dz, const float* y, long n) {  // dz *= (y > 0), in place
+  for (long i = blockIdx.x * static_cast<long>(blockDim.x) + threadIdx.x; i < n; i += static_cast<long>(gridDim.x) * blockDim.x)
+    dz[i] = y[i] > 0.f ? dz[i] : 0.f;
+}
+__global__ void row_sums(float* db, const float* dz, int rows, int cols) {  // db += sum over columns
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  float s = 0.f;
+  for (int c = 0; c < cols; ++c) s += dz[r + static_cast<long>(c) * rows];
+  db[r] += s;
+}
+__global__ void scaled(float* g, const float* y, float s, long n) {
+  for (long i = blockIdx.x * static_cast<long>(blockDim.x) + threadIdx.x; i < n; i += static_cast<long>(gridDim.x) * blockDim.x) g[i] = s * y[i];
+}
+
+/// The same step written by hand: cuBLAS products, one fused kernel per bias + relu, every
+/// activation kept (what `none` keeps), nothing recomputed.
+struct hand_model {
+  int layers, width, batch;
+  float *W, *b, *dW, *db, *act, *g0, *g1;
+  hand_model(const weights& w, int batch_) : layers(w.layers), width(w.width), batch(batch_) {
+    const std::size_t ww = static_cast<std::size_t>(width) * width, wb = static_cast<std::size_t>(width) * batch;
+    check(cudaMalloc(&W, sizeof(float) * ww * layers), "cudaMalloc");
+    check(cudaMalloc(&dW, sizeof(float) * ww * layers), "cudaMalloc");
+    check(cudaMalloc(&b, sizeof(float) * width * layers), "cudaMalloc");
+    check(cudaMalloc(&db, sizeof(float) * width * layers), "cudaMalloc");
+    check(cudaMalloc(&act, sizeof(float) * wb * (layers + 1)), "cudaMalloc");
+    check(cudaMalloc(&g0, sizeof(float) * wb), "cudaMalloc");
+    check(cudaMalloc(&g1, sizeof(float) * wb), "cudaMalloc");
+    for (int l = 0; l < layers; ++l) {
+      check(cudaMemcpy(W + ww * l, w.W[static_cast<std::size_t>(l)].data(), sizeof(float) * ww, cudaMemcpyHostToDevice), "upload");
+      check(cudaMemcpy(b + static_cast<std::size_t>(width) * l, w.b[static_cast<std::size_t>(l)].data(), sizeof(float) * width,
+                       cudaMemcpyHostToDevice), "upload");
+    }
+  }
+  ~hand_model() {
+    for (float* p : {W, b, dW, db, act, g0, g1}) cudaFree(p);
+  }
+  std::size_t activation_bytes() const { return sizeof(float) * static_cast<std::size_t>(width) * batch * (layers + 3); }
+
+  float step(const Mat& x) {
+    cudaStream_t s = cuda::stream();
+    cublasHandle_t h = cuda::context().blas();
+    const long n = static_cast<long>(width) * batch;
+    const std::size_t ww = static_cast<std::size_t>(width) * width;
+    const unsigned grid = static_cast<unsigned>(std::min<long>((n + 255) / 256, 65535));
+    check(cudaMemsetAsync(dW, 0, sizeof(float) * ww * layers, s), "memset");
+    check(cudaMemsetAsync(db, 0, sizeof(float) * width * layers, s), "memset");
+    check(cudaMemcpyAsync(act, x.data(), sizeof(float) * n, cudaMemcpyHostToDevice, s), "upload");
+    const float one = 1.f, zero = 0.f;
+    for (int l = 0; l < layers; ++l) {
+      float* in = act + n * l;
+      float* out = act + n * (l + 1);
+      cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, width, batch, width, &one, W + ww * l, width, in, width, &zero, out, width);
+      bias_relu<<<grid, 256, 0, s>>>(out, b + static_cast<long>(width) * l, width, n);
+    }
+    float* y = act + n * layers;
+    float loss = 0;
+    cublasSdot(h, static_cast<int>(n), y, 1, y, 1, &loss);  // synchronises, as ckpt's loss does
+    loss /= static_cast<float>(n);
+    scaled<<<grid, 256, 0, s>>>(g0, y, 2.f / static_cast<float>(n), n);
+    for (int l = layers - 1; l >= 0; --l) {
+      float* in = act + n * l;
+      relu_back<<<grid, 256, 0, s>>>(g0, act + n * (l + 1), n);
+      row_sums<<<(width + 255) / 256, 256, 0, s>>>(db + static_cast<long>(width) * l, g0, width, batch);
+      cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_T, width, width, batch, &one, g0, width, in, width, &one, dW + ww * l, width);
+      if (l > 0) cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, width, batch, width, &one, W + ww * l, width, g0, width, &zero, g1, width);
+      std::swap(g0, g1);
+    }
+    return loss;
+  }
+  Mat grad_W(int l) const {
+    Mat m(width, width);
+    check(cudaMemcpy(m.data(), dW + static_cast<std::size_t>(width) * width * l, sizeof(float) * m.size(), cudaMemcpyDeviceToHost), "download");
+    return m;
+  }
+};
+
+/// Before anything is timed: the hand-written gradients are ckpt's (small model, no TF32).
+void check_hand_against_ckpt() {
+  cuda::set_tf32(false);
+  const weights w(4, 96);
+  const Mat x = random_matrix(96, 80, 7, 1.0f);
+  ckpt_model m(w);
+  hand_model hm(w, 80);
+  Tape<float, cuda> t;
+  const float la = m.step<policy::none>(t, x), lh = hm.step(x);
+  cuda::synchronize();
+  bool ok = std::abs(la - lh) <= 1e-5f * std::max(1.f, std::abs(la));
+  for (int l = 0; l < w.layers && ok; ++l) {
+    const Mat ga = m.net[static_cast<std::size_t>(l)].weight().grad_to_host(), gh = hm.grad_W(l);
+    ok = (ga - gh).cwiseAbs().maxCoeff() <= 1e-4f * std::max(1e-30f, gh.cwiseAbs().maxCoeff());
+  }
+  if (!ok) {
+    std::fprintf(stderr, "bench_cuda: the hand-written step's gradients differ from ckpt's; nothing timed\n");
+    std::exit(1);
+  }
+}
+
+// ------------------------------------------------------------------ benchmarks
+
+template <class P>
+void BM_mlp(benchmark::State& state) {
+  cuda::set_tf32(true);
+  const int layers = static_cast<int>(state.range(0)), width = static_cast<int>(state.range(1)), batch = static_cast<int>(state.range(2));
+  const weights w(layers, width);
+  const Mat x = random_matrix(width, batch, 3, 1.0f);
+  ckpt_model m(w);
+  Tape<float, cuda> t;
+  m.step<P>(t, x);  // warm: the pool fills
+  std::size_t peak = 0;
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(m.step<P>(t, x));
+    cuda::synchronize();
+    peak = std::max(peak, t.peak_bytes());
+  }
+  state.counters["peak_bytes"] = static_cast<double>(peak);
+  state.counters["offloaded_bytes"] = static_cast<double>(t.memory().host_peak_bytes);
+  state.counters["tflops"] = benchmark::Counter(6.0 * layers * double(width) * width * batch * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_mlp_hand(benchmark::State& state) {
+  cuda::set_tf32(true);
+  const int layers = static_cast<int>(state.range(0)), width = static_cast<int>(state.range(1)), batch = static_cast<int>(state.range(2));
+  const weights w(layers, width);
+  const Mat x = random_matrix(width, batch, 3, 1.0f);
+  hand_model hm(w, batch);
+  hm.step(x);
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(hm.step(x));
+    cuda::synchronize();
+  }
+  state.counters["peak_bytes"] = static_cast<double>(hm.activation_bytes());
+  state.counters["tflops"] = benchmark::Counter(6.0 * layers * double(width) * width * batch * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+/// y = a * sigmoid(b) + 0.5 * c: reads three arrays, writes one, in one fused kernel.
+void BM_elementwise(benchmark::State& state) {
+  const int rows = 4096, cols = static_cast<int>(state.range(0) / rows);
+  Tape<float, cuda> t;
+  const Mat host = random_matrix(rows, cols, 1, 1.0f);
+  auto a = t.constant(host), b = t.constant(host), c = t.constant(host);
+  const auto mark = t.position();
+  cudaEvent_t e0, e1;
+  check(cudaEventCreate(&e0), "event");
+  check(cudaEventCreate(&e1), "event");
+  for (auto _ : state) {
+    t.reset_to(mark);
+    check(cudaEventRecord(e0, cuda::stream()), "event");
+    Var<float, cuda> y = a * sigmoid(b) + 0.5f * c;
+    check(cudaEventRecord(e1, cuda::stream()), "event");
+    check(cudaEventSynchronize(e1), "event");
+    float ms = 0;
+    check(cudaEventElapsedTime(&ms, e0, e1), "event");
+    state.SetIterationTime(ms * 1e-3);
+  }
+  state.SetBytesProcessed(state.iterations() * 4 * static_cast<std::int64_t>(sizeof(float)) * rows * cols);
+}
+
+/// A device-to-device copy of the same bytes (2 n read, 2 n written).
+void BM_copy(benchmark::State& state) {
+  const long n = state.range(0);
+  float *src, *dst;
+  check(cudaMalloc(&src, sizeof(float) * 2 * n), "cudaMalloc");
+  check(cudaMalloc(&dst, sizeof(float) * 2 * n), "cudaMalloc");
+  cudaEvent_t e0, e1;
+  check(cudaEventCreate(&e0), "event");
+  check(cudaEventCreate(&e1), "event");
+  for (auto _ : state) {
+    check(cudaEventRecord(e0, cuda::stream()), "event");
+    check(cudaMemcpyAsync(dst, src, sizeof(float) * 2 * n, cudaMemcpyDeviceToDevice, cuda::stream()), "copy");
+    check(cudaEventRecord(e1, cuda::stream()), "event");
+    check(cudaEventSynchronize(e1), "event");
+    float ms = 0;
+    check(cudaEventElapsedTime(&ms, e0, e1), "event");
+    state.SetIterationTime(ms * 1e-3);
+  }
+  state.SetBytesProcessed(state.iterations() * 4 * static_cast<std::int64_t>(sizeof(float)) * n);
+  cudaFree(src);
+  cudaFree(dst);
+}
+
+/// What offload moves, alone: `segments` boundaries of width x batch floats to pinned host
+/// memory and back, on the copy stream.
+void BM_offload_copies(benchmark::State& state) {
+  const int segments = static_cast<int>(state.range(0)), width = static_cast<int>(state.range(1)), batch = static_cast<int>(state.range(2));
+  const std::size_t bytes = sizeof(float) * static_cast<std::size_t>(width) * batch;
+  void *dev, *host;
+  check(cudaMalloc(&dev, bytes), "cudaMalloc");
+  check(cudaMallocHost(&host, bytes), "cudaMallocHost");
+  cudaStream_t s = cuda::context().copy_stream();
+  for (auto _ : state) {
+    for (int k = 0; k < segments; ++k) check(cudaMemcpyAsync(host, dev, bytes, cudaMemcpyDeviceToHost, s), "d2h");
+    for (int k = 0; k < segments; ++k) check(cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, s), "h2d");
+    check(cudaStreamSynchronize(s), "sync");
+  }
+  state.SetBytesProcessed(state.iterations() * 2 * static_cast<std::int64_t>(bytes) * segments);
+  cudaFreeHost(host);
+  cudaFree(dev);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (!cuda::available()) {
+    std::puts("bench_cuda: no CUDA device here; nothing measured");
+    return 0;
+  }
+  check_hand_against_ckpt();
+  const int L = 16, W = 4096, N = 4096;
+  benchmark::RegisterBenchmark("cublas_hand", BM_mlp_hand)->Args({L, W, N})->Unit(benchmark::kMillisecond)->UseRealTime();
+  benchmark::RegisterBenchmark("none", BM_mlp<policy::none>)->Args({L, W, N})->Unit(benchmark::kMillisecond)->UseRealTime();
+  benchmark::RegisterBenchmark("sqrt_n", BM_mlp<policy::sqrt_n>)->Args({L, W, N})->Unit(benchmark::kMillisecond)->UseRealTime();
+  benchmark::RegisterBenchmark("offload", BM_mlp<policy::offload<>>)->Args({L, W, N})->Unit(benchmark::kMillisecond)->UseRealTime();
+  benchmark::RegisterBenchmark("offload_copies", BM_offload_copies)->Args({3, W, N})->Unit(benchmark::kMillisecond)->UseRealTime();
+  benchmark::RegisterBenchmark("elementwise", BM_elementwise)->Arg(1L << 26)->Unit(benchmark::kMillisecond)->UseManualTime();
+  benchmark::RegisterBenchmark("copy", BM_copy)->Arg(1L << 26)->Unit(benchmark::kMillisecond)->UseManualTime();
+  benchmark::Initialize(&argc, argv);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,118 @@
+// ckpt — the CUDA backend's process-wide state: the compute stream every kernel and product
+// runs on, the cuBLAS handle bound to it, the reductions' scratch, and counters. Errors from
+// the CUDA runtime and cuBLAS become ckpt::cuda_error naming the call and the error string.
+#pragma once
+#include "ckpt/config.hpp"
+#include "ckpt/core/error.hpp"
+
+#if !defined(__CUDACC__)
+#error "ckpt/backend/cuda/ is compiled by nvcc only: include <ckpt/cuda.hpp> from a .cu file"
+#endif
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <string>
+#include <vector>
+
+namespace ckpt {
+
+/// A CUDA runtime or cuBLAS call that failed: the call and the error string.
+class cuda_error : public error {
+  using error::error;
+};
+
+namespace backend::cuda_detail {
+
+inline void check(cudaError_t e, const char* call) {
+  if (e != cudaSuccess)
+    throw cuda_error(ckpt::detail::cat(call, ": ", cudaGetErrorString(e), " (", cudaGetErrorName(e), ")"));
+}
+inline void check(cublasStatus_t s, const char* call) {
+  if (s != CUBLAS_STATUS_SUCCESS) throw cuda_error(ckpt::detail::cat(call, ": ", cublasGetStatusString(s), " (cuBLAS status ", static_cast<int>(s), ")"));
+}
+/// After a kernel launch: a bad configuration shows here, a fault at the next synchronisation.
+inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
+
+/// Blocks of the reductions' first pass: fixed, so that a sum adds in the same order on every
+/// device and every run (no atomics anywhere).
+inline constexpr int reduce_blocks = 256;
+inline constexpr int block_threads = 256;
+
+struct counters {
+  std::size_t device_allocations = 0;  ///< cudaMalloc calls (the tape's pool caches buffers)
+  std::size_t device_frees = 0;
+  std::size_t host_allocations = 0;    ///< pinned host buffers (offload)
+};
+
+class context {
+ public:
+  context() {
+    check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags(compute)");
+    check(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags(copy)");
+    check(cublasCreate(&blas_), "cublasCreate");
+    check(cublasSetStream(blas_, stream_), "cublasSetStream");
+    check(cudaMalloc(&partials_, sizeof(double) * reduce_blocks), "cudaMalloc(reduction scratch)");
+  }
+  context(const context&) = delete;
+  context& operator=(const context&) = delete;
+  ~context() {  // at exit the driver may be gone already: errors are ignored here
+    for (cudaEvent_t e : events_) cudaEventDestroy(e);
+    cudaFree(partials_);
+    cublasDestroy(blas_);
+    cudaStreamDestroy(copy_stream_);
+    cudaStreamDestroy(stream_);
+  }
+
+  cudaStream_t stream() const { return stream_; }
+  cudaStream_t copy_stream() const { return copy_stream_; }
+  cublasHandle_t blas() const { return blas_; }
+  double* partials() const { return partials_; }
+  counters& count() { return count_; }
+
+  /// TF32 tensor-core products for float (about 10 mantissa bits in the products): off by
+  /// default, so that float results match the CPU backend to 1e-5.
+  void set_tf32(bool on) {
+    check(cublasSetMathMode(blas_, on ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+    tf32_ = on;
+  }
+  bool tf32() const { return tf32_; }
+
+  /// Events for ordering the copy stream against the compute stream, reused.
+  cudaEvent_t take_event() {
+    if (!events_.empty()) {
+      cudaEvent_t e = events_.back();
+      events_.pop_back();
+      return e;
+    }
+    cudaEvent_t e = nullptr;
+    check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+    return e;
+  }
+  void give_event(cudaEvent_t e) noexcept {
+    try {
+      events_.push_back(e);
+    } catch (...) {
+      cudaEventDestroy(e);
+    }
+  }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+  cudaStream_t copy_stream_ = nullptr;
+  cublasHandle_t blas_ = nullptr;
+  double* partials_ = nullptr;
+  counters count_;
+  std::vector<cudaEvent_t> events_;
+  bool tf32_ = false;
+};
+
+/// The process's context on the current device, made on first use.
+inline context& ctx() {
+  static context c;
+  return c;
+}
+
+}  // namespace backend::cuda_detail
+}  // namespace ckpt

@@ -1,0 +1,248 @@
+// ckpt — the CUDA backend: device memory, cuBLAS products, and the loop primitives as kernels.
+//
+// Every op's forward and reverse body is a CKPT_HOST_DEVICE functor (see backend/cpu/cpu.hpp
+// for the primitives' contracts); here each primitive is one kernel launch on the context's
+// compute stream, so an assigned elementwise expression is one fused kernel forward and one in
+// reverse (plus one per broadcast operand, expr/record.hpp). Nothing uses atomics: sums go
+// through a fixed two-pass tree and every element has one writer, so a run repeated on the
+// same inputs repeats its bits. Buffers are cached by the tape's pool: a training step that
+// repeats its shapes calls no cudaMalloc after the first (counters().device_allocations).
+#pragma once
+#include "ckpt/config.hpp"
+#include "ckpt/backend/cuda/context.cuh"
+#include "ckpt/core/shape.hpp"
+#include "ckpt/detail/accumulate.hpp"
+
+#include <algorithm>
+#include <cstddef>
+#include <type_traits>
+
+namespace ckpt::backend {
+
+namespace cuda_detail {
+
+inline unsigned grid_for(long n) {
+  const long blocks = (n + block_threads - 1) / block_threads;
+  return static_cast<unsigned>(std::clamp<long>(blocks, 1, 65535L * 16));
+}
+
+template <class F>
+__global__ void for_each_kernel(long n, F f) {
+  const long stride = static_cast<long>(gridDim.x) * blockDim.x;
+  for (long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) f(i);
+}
+template <class F>
+__global__ void for_each_2d_kernel(int rows, long n, F f) {
+  const long stride = static_cast<long>(gridDim.x) * blockDim.x;
+  for (long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    f(static_cast<int>(i % rows), static_cast<int>(i / rows));
+}
+/// One thread per row, its columns in order: consecutive threads read consecutive addresses.
+template <class F>
+__global__ void for_each_row_kernel(int rows, int cols, F f) {
+  const long stride = static_cast<long>(gridDim.x) * blockDim.x;
+  for (long r = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x; r < rows; r += stride)
+    for (int c = 0; c < cols; ++c) f(static_cast<int>(r), c);
+}
+
+/// Adds the block's block_threads values of s in a fixed tree; s[0] holds the sum.
+__device__ inline void block_tree_sum(double* s) {
+  for (int w = block_threads / 2; w > 0; w >>= 1) {
+    if (static_cast<int>(threadIdx.x) < w) s[threadIdx.x] += s[threadIdx.x + w];
+    __syncthreads();
+  }
+}
+
+/// First pass: block b adds the terms i = b * threads + t + k * (blocks * threads).
+template <class Term>
+__global__ void partial_sums_kernel(long n, Term term, double* partials) {
+  __shared__ double s[block_threads];
+  double acc = 0;
+  const long stride = static_cast<long>(reduce_blocks) * block_threads;
+  for (long i = static_cast<long>(blockIdx.x) * block_threads + threadIdx.x; i < n; i += stride) acc += static_cast<double>(term(i));
+  s[threadIdx.x] = acc;
+  __syncthreads();
+  block_tree_sum(s);
+  if (threadIdx.x == 0) partials[blockIdx.x] = s[0];
+}
+/// Second pass: one block adds the partial sums and writes finish(total).
+template <class T, class Finish>
+__global__ void finish_sum_kernel(const double* partials, T* out, Finish finish) {
+  __shared__ double s[block_threads];
+  double acc = 0;
+  for (int i = threadIdx.x; i < reduce_blocks; i += block_threads) acc += partials[i];
+  s[threadIdx.x] = acc;
+  __syncthreads();
+  block_tree_sum(s);
+  if (threadIdx.x == 0) *out = finish(static_cast<ckpt::detail::accumulator_t<T>>(s[0]));
+}
+
+/// term(i) of a rows x cols tensor's element i = r + c * rows, as term(r, c).
+template <class Term>
+struct by_coordinates {
+  Term term;
+  int rows;
+  CKPT_HOST_DEVICE auto operator()(long i) const { return term(static_cast<int>(i % rows), static_cast<int>(i / rows)); }
+};
+
+}  // namespace cuda_detail
+
+/// Tensors in device memory; products through cuBLAS; loops as kernels on one stream.
+struct cuda {
+  static constexpr const char* name = "cuda";
+  static constexpr std::size_t alignment = 256;
+  /// Loop iterations run concurrently: no two may add into the same element.
+  static constexpr bool concurrent = true;
+
+  static cuda_detail::context& context() { return cuda_detail::ctx(); }
+  static cudaStream_t stream() { return context().stream(); }
+  static const cuda_detail::counters& counters() { return context().count(); }
+  /// TF32 tensor-core products for float (off by default; see context::set_tf32).
+  static void set_tf32(bool on) { context().set_tf32(on); }
+  /// Whether this process sees a CUDA device at all (tests skip without one).
+  static bool available() {
+    int n = 0;
+    return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+  }
+
+  static void* allocate(std::size_t bytes) {
+    void* p = nullptr;
+    cuda_detail::check(cudaMalloc(&p, bytes), "cudaMalloc");
+    ++context().count().device_allocations;
+    return p;
+  }
+  static void deallocate(void* p, std::size_t) noexcept {
+    cudaFree(p);  // cannot throw here; a failure shows at the next checked call
+    ++context().count().device_frees;
+  }
+  template <class T>
+  static void fill_zero(T* p, long n) {
+    if (n <= 0) return;
+    cuda_detail::check(cudaMemsetAsync(p, 0, static_cast<std::size_t>(n) * sizeof(T), stream()), "cudaMemsetAsync");
+  }
+  /// Device to device, in stream order.
+  template <class T>
+  static void copy(T* dst, const T* src, long n) {
+    if (n <= 0) return;
+    cuda_detail::check(cudaMemcpyAsync(dst, src, static_cast<std::size_t>(n) * sizeof(T), cudaMemcpyDeviceToDevice, stream()),
+                       "cudaMemcpyAsync(device to device)");
+  }
+  /// Device to host: waits for the queued work that writes src.
+  template <class T>
+  static void to_host(T* host, const T* src, long n) {
+    if (n <= 0) return;
+    cuda_detail::check(cudaMemcpyAsync(host, src, static_cast<std::size_t>(n) * sizeof(T), cudaMemcpyDeviceToHost, stream()),
+                       "cudaMemcpyAsync(device to host)");
+    synchronize();
+  }
+  /// Host to device, in stream order (the host buffer may be reused as soon as this returns:
+  /// the runtime stages pageable memory before returning).
+  template <class T>
+  static void from_host(T* dst, const T* host, long n) {
+    if (n <= 0) return;
+    cuda_detail::check(cudaMemcpyAsync(dst, host, static_cast<std::size_t>(n) * sizeof(T), cudaMemcpyHostToDevice, stream()),
+                       "cudaMemcpyAsync(host to device)");
+    synchronize();
+  }
+  static void synchronize() { cuda_detail::check(cudaStreamSynchronize(stream()), "cudaStreamSynchronize"); }
+
+  // ---------------------------------------------------------------- offload (see Tape::offload)
+  // Copies run on the context's copy stream, ordered against the compute stream by events, so
+  // they overlap with kernels; an event handle is returned for each copy in flight.
+
+  static constexpr bool offloads = true;
+  static void* host_allocate(std::size_t bytes) {
+    void* p = nullptr;
+    cuda_detail::check(cudaMallocHost(&p, bytes), "cudaMallocHost");
+    ++context().count().host_allocations;
+    return p;
+  }
+  static void host_deallocate(void* p) noexcept { cudaFreeHost(p); }
+  /// Starts host <- device once the compute stream's queued work (which writes `dev`) is done.
+  static void* copy_to_host_async(void* host, const void* dev, std::size_t bytes) {
+    return copy_behind_compute(host, dev, bytes, cudaMemcpyDeviceToHost, "cudaMemcpyAsync(offload to host)");
+  }
+  /// Starts device <- host once the compute stream's queued work (which may still read the
+  /// buffer `dev` was before the pool handed it out again) is done.
+  static void* copy_to_device_async(void* dev, const void* host, std::size_t bytes) {
+    return copy_behind_compute(dev, host, bytes, cudaMemcpyHostToDevice, "cudaMemcpyAsync(prefetch to device)");
+  }
+  static bool event_done(void* e) noexcept { return cudaEventQuery(static_cast<cudaEvent_t>(e)) == cudaSuccess; }
+  /// The compute stream waits for the copy (the host does not), and the event is given back.
+  static void wait_event(void* e) {
+    cuda_detail::check(cudaStreamWaitEvent(stream(), static_cast<cudaEvent_t>(e), 0), "cudaStreamWaitEvent");
+    release_event(e);
+  }
+  /// The host waits for the copy, and the event is given back.
+  static void finish_event(void* e) noexcept {
+    cudaEventSynchronize(static_cast<cudaEvent_t>(e));
+    release_event(e);
+  }
+  static void release_event(void* e) noexcept { context().give_event(static_cast<cudaEvent_t>(e)); }
+
+  // ---------------------------------------------------------------- loops (see backend/cpu/cpu.hpp)
+
+  template <class F>
+  static void for_each(long n, const F& f) {
+    static_assert(std::is_trivially_copyable_v<F>, "ckpt::backend::cuda: a loop body is copied to the device");
+    if (n <= 0) return;
+    cuda_detail::for_each_kernel<<<cuda_detail::grid_for(n), cuda_detail::block_threads, 0, stream()>>>(n, f);
+    cuda_detail::check_launch("for_each kernel");
+  }
+  template <class F>
+  static void for_each_2d(shape s, const F& f) {
+    static_assert(std::is_trivially_copyable_v<F>, "ckpt::backend::cuda: a loop body is copied to the device");
+    const long n = s.size();
+    if (n <= 0) return;
+    cuda_detail::for_each_2d_kernel<<<cuda_detail::grid_for(n), cuda_detail::block_threads, 0, stream()>>>(s.rows, n, f);
+    cuda_detail::check_launch("for_each_2d kernel");
+  }
+  template <class F>
+  static void for_each_row(shape s, const F& f) {
+    static_assert(std::is_trivially_copyable_v<F>, "ckpt::backend::cuda: a loop body is copied to the device");
+    if (s.size() <= 0) return;
+    cuda_detail::for_each_row_kernel<<<cuda_detail::grid_for(s.rows), cuda_detail::block_threads, 0, stream()>>>(s.rows, s.cols, f);
+    cuda_detail::check_launch("for_each_row kernel");
+  }
+  template <class T, class F, class Finish>
+  static void sum(T* out, long n, const F& term, const Finish& finish) {
+    auto& c = context();
+    cuda_detail::partial_sums_kernel<<<cuda_detail::reduce_blocks, cuda_detail::block_threads, 0, c.stream()>>>(n, term, c.partials());
+    cuda_detail::check_launch("sum kernel (partial sums)");
+    cuda_detail::finish_sum_kernel<<<1, cuda_detail::block_threads, 0, c.stream()>>>(c.partials(), out, finish);
+    cuda_detail::check_launch("sum kernel (total)");
+  }
+  template <class T, class F, class Finish>
+  static void sum_2d(T* out, shape s, const F& term, const Finish& finish) {
+    sum(out, s.size(), cuda_detail::by_coordinates<F>{term, s.rows > 0 ? s.rows : 1}, finish);
+  }
+
+  static void* copy_behind_compute(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind, const char* call) {
+    auto& c = context();
+    cudaEvent_t computed = c.take_event();
+    cuda_detail::check(cudaEventRecord(computed, c.stream()), "cudaEventRecord(compute)");
+    cuda_detail::check(cudaStreamWaitEvent(c.copy_stream(), computed, 0), "cudaStreamWaitEvent(copy)");
+    c.give_event(computed);  // the wait took the event's state at the call
+    cuda_detail::check(cudaMemcpyAsync(dst, src, bytes, kind, c.copy_stream()), call);
+    cudaEvent_t copied = c.take_event();
+    cuda_detail::check(cudaEventRecord(copied, c.copy_stream()), "cudaEventRecord(copy)");
+    return copied;
+  }
+
+  /// C = alpha * op(A) * op(B) + beta * C, column-major, on the compute stream.
+  template <class T>
+  static void gemm(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta, T* c,
+                   int ldc) {
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "ckpt::backend::cuda::gemm: float or double");
+    if (m == 0 || n == 0) return;
+    const cublasOperation_t oa = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, ob = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    lda = std::max(lda, 1);
+    ldb = std::max(ldb, 1);
+    if constexpr (std::is_same_v<T, float>)
+      cuda_detail::check(cublasSgemm(context().blas(), oa, ob, m, n, k, &alpha, a, lda, b, ldb, &beta, c, ldc), "cublasSgemm");
+    else
+      cuda_detail::check(cublasDgemm(context().blas(), oa, ob, m, n, k, &alpha, a, lda, b, ldb, &beta, c, ldc), "cublasDgemm");
+  }
+};
+
+}  // namespace ckpt::backend
