@@ -78,13 +78,6 @@ __global__ void relu_back(float* dz, const float* y, long n) {  // dz *= (y > 0)
   for (long i = blockIdx.x * static_cast<long>(blockDim.x) + threadIdx.x; i < n; i += static_cast<long>(gridDim.x) * blockDim.x)
     dz[i] = y[i] > 0.f ? dz[i] : 0.f;
 }
-__global__ void row_sums(float* db, const float* dz, int rows, int cols) {  // db += sum over columns
-  const int r = blockIdx.x * blockDim.x + threadIdx.x;
-  if (r >= rows) return;
-  float s = 0.f;
-  for (int c = 0; c < cols; ++c) s += dz[r + static_cast<long>(c) * rows];
-  db[r] += s;
-}
 __global__ void scaled(float* g, const float* y, float s, long n) {
   for (long i = blockIdx.x * static_cast<long>(blockDim.x) + threadIdx.x; i < n; i += static_cast<long>(gridDim.x) * blockDim.x) g[i] = s * y[i];
 }
@@ -93,7 +86,7 @@ __global__ void scaled(float* g, const float* y, float s, long n) {
 /// activation kept (what `none` keeps), nothing recomputed.
 struct hand_model {
   int layers, width, batch;
-  float *W, *b, *dW, *db, *act, *g0, *g1;
+  float *W, *b, *dW, *db, *act, *g0, *g1, *ones;
   hand_model(const weights& w, int batch_) : layers(w.layers), width(w.width), batch(batch_) {
     const std::size_t ww = static_cast<std::size_t>(width) * width, wb = static_cast<std::size_t>(width) * batch;
     check(cudaMalloc(&W, sizeof(float) * ww * layers), "cudaMalloc");
@@ -103,6 +96,9 @@ struct hand_model {
     check(cudaMalloc(&act, sizeof(float) * wb * (layers + 1)), "cudaMalloc");
     check(cudaMalloc(&g0, sizeof(float) * wb), "cudaMalloc");
     check(cudaMalloc(&g1, sizeof(float) * wb), "cudaMalloc");
+    check(cudaMalloc(&ones, sizeof(float) * batch), "cudaMalloc");
+    const std::vector<float> host_ones(static_cast<std::size_t>(batch), 1.f);
+    check(cudaMemcpy(ones, host_ones.data(), sizeof(float) * batch, cudaMemcpyHostToDevice), "upload");
     for (int l = 0; l < layers; ++l) {
       check(cudaMemcpy(W + ww * l, w.W[static_cast<std::size_t>(l)].data(), sizeof(float) * ww, cudaMemcpyHostToDevice), "upload");
       check(cudaMemcpy(b + static_cast<std::size_t>(width) * l, w.b[static_cast<std::size_t>(l)].data(), sizeof(float) * width,
@@ -110,7 +106,7 @@ struct hand_model {
     }
   }
   ~hand_model() {
-    for (float* p : {W, b, dW, db, act, g0, g1}) cudaFree(p);
+    for (float* p : {W, b, dW, db, act, g0, g1, ones}) cudaFree(p);
   }
   std::size_t activation_bytes() const { return sizeof(float) * static_cast<std::size_t>(width) * batch * (layers + 3); }
 
@@ -138,7 +134,8 @@ struct hand_model {
     for (int l = layers - 1; l >= 0; --l) {
       float* in = act + n * l;
       relu_back<<<grid, 256, 0, s>>>(g0, act + n * (l + 1), n);
-      row_sums<<<(width + 255) / 256, 256, 0, s>>>(db + static_cast<long>(width) * l, g0, width, batch);
+      // db += dz 1: the bias gradient as a matrix-vector product
+      cublasSgemv(h, CUBLAS_OP_N, width, batch, &one, g0, width, ones, 1, &one, db + static_cast<long>(width) * l, 1);
       cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_T, width, width, batch, &one, g0, width, in, width, &one, dW + ww * l, width);
       if (l > 0) cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, width, batch, width, &one, W + ww * l, width, g0, width, &zero, g1, width);
       std::swap(g0, g1);

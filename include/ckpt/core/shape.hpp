@@ -9,7 +9,7 @@ namespace ckpt {
 struct shape {
   int rows = 0;
   int cols = 0;
-  constexpr long size() const { return static_cast<long>(rows) * cols; }
+  CKPT_HOST_DEVICE constexpr long size() const { return static_cast<long>(rows) * cols; }
   friend constexpr bool operator==(shape, shape) = default;
   friend std::ostream& operator<<(std::ostream& o, shape s) { return o << s.rows << 'x' << s.cols; }
 };

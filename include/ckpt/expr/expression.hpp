@@ -105,6 +105,11 @@ struct leaf {
   void visit_leaves(F&& f) {
     f(std::integral_constant<int, Offset>{}, *this);
   }
+  /// Moves leaf K's adjoint pointer by d elements (the CUDA reverse's partial sums).
+  template <int K, int Offset>
+  CKPT_HOST_DEVICE void shift_adjoint(long d) {
+    if constexpr (K == Offset) adj += d;
+  }
   static constexpr int leaf_count = 1;
   static constexpr bool reads_values = false;
   template <int Offset>
@@ -151,6 +156,8 @@ struct scalar {
   void consume_temporaries() const {}
   template <int Offset = 0, class F>
   void visit_leaves(F&&) {}
+  template <int K, int Offset>
+  CKPT_HOST_DEVICE void shift_adjoint(long) {}
   static constexpr int leaf_count = 0;
   static constexpr bool reads_values = false;
   template <int Offset>
@@ -207,6 +214,10 @@ struct unary {
   template <int Offset = 0, class V>
   void visit_leaves(V&& v) {
     e.template visit_leaves<Offset>(v);
+  }
+  template <int K, int Offset>
+  CKPT_HOST_DEVICE void shift_adjoint(long d) {
+    e.template shift_adjoint<K, Offset>(d);
   }
   static constexpr int leaf_count = E::leaf_count;
   static constexpr bool reads_values = E::leaf_count > 0;  // chain() reads e's value
@@ -303,6 +314,13 @@ struct binary {
     l.template visit_leaves<Offset>(v);
     r.template visit_leaves<Offset + L::leaf_count>(v);
   }
+  template <int K, int Offset>
+  CKPT_HOST_DEVICE void shift_adjoint(long d) {
+    if constexpr (K < Offset + L::leaf_count)
+      l.template shift_adjoint<K, Offset>(d);
+    else
+      r.template shift_adjoint<K, Offset + L::leaf_count>(d);
+  }
   static constexpr int leaf_count = L::leaf_count + R::leaf_count;
   /// Which operand values the reverse loads (bit 0: l's, bit 1: r's), given which sides take
   /// an adjoint: add reads neither, mul by a scalar only the scalar.
@@ -381,6 +399,10 @@ struct dropout_node {
   template <int Offset = 0, class V>
   void visit_leaves(V&& v) {
     e.template visit_leaves<Offset>(v);
+  }
+  template <int K, int Offset>
+  CKPT_HOST_DEVICE void shift_adjoint(long d) {
+    e.template shift_adjoint<K, Offset>(d);
   }
   static constexpr int leaf_count = E::leaf_count;
   static constexpr bool reads_values = E::reads_values;  // the mask is recomputed, not read

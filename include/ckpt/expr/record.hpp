@@ -109,32 +109,68 @@ void dispatch(const E& e, const G& g, shape s, bool dense) {
   }
 }
 
-/// Leaf K broadcast over the output (a bias, rows x 1): one call per element of the leaf,
-/// which adds the contributions of every output element it was broadcast to, in order. The
-/// element has one writer, so concurrent backends need no atomics and repeat their bits.
+/// Leaf K broadcast over the output (a bias, rows x 1) on a concurrent backend: its element p
+/// receives contributions from every output element it was broadcast to (q = 0 .. reach), which
+/// are split into `chunks` fixed runs. Call i = p + k * L adds run k's contributions for element
+/// p in order into scratch[p + k * L] (leaf K's adjoint is pointed at the scratch, shifted by
+/// k * L), so every scratch element has one writer and the split depends on the shapes alone.
 template <int K, class E, class G>
-struct gather_leaf {
-  E e;
+struct gather_runs {
+  E e;  // leaf K's adjoint points at the scratch
   G g;
   shape out;
   shape leaf;
-  CKPT_HOST_DEVICE void operator()(int lr, int lc) const {
+  long runs;    // chunks per element
+  long length;  // broadcast positions per run
+  CKPT_HOST_DEVICE void operator()(long i) const {
+    const long L = leaf.size();
+    const long p = i % L, k = i / L;
+    const int lr = static_cast<int>(p % leaf.rows), lc = static_cast<int>(p / leaf.rows);
     const bool all_rows = leaf.rows != out.rows, all_cols = leaf.cols != out.cols;
-    const int r0 = all_rows ? 0 : lr, r1 = all_rows ? out.rows : lr + 1;
-    const int c0 = all_cols ? 0 : lc, c1 = all_cols ? out.cols : lc + 1;
-    for (int c = c0; c < c1; ++c)
-      for (int r = r0; r < r1; ++r) e.template back<(1u << K), 0>(r, c, g(r + static_cast<long>(c) * out.rows));
+    const long reach = (all_rows ? out.rows : 1) * static_cast<long>(all_cols ? out.cols : 1);
+    E run = e;
+    run.template shift_adjoint<K, 0>(k * L);
+    const long q1 = (k + 1) * length < reach ? (k + 1) * length : reach;
+    for (long q = k * length; q < q1; ++q) {
+      const int r = all_rows ? static_cast<int>(all_cols ? q % out.rows : q) : lr;
+      const int c = all_cols ? static_cast<int>(all_rows ? q / out.rows : q) : lc;
+      run.template back<(1u << K), 0>(r, c, g(r + static_cast<long>(c) * out.rows));
+    }
   }
 };
+/// adj[p] += the runs' partial sums for element p, in run order.
+template <class T>
+struct add_runs {
+  T* adj;
+  const T* scratch;
+  long elements;
+  long runs;
+  CKPT_HOST_DEVICE void operator()(long p) const {
+    T s(0);
+    for (long k = 0; k < runs; ++k) s += scratch[p + k * elements];
+    adj[p] += s;
+  }
+};
+
+/// How a broadcast leaf's contributions are split: enough runs for about 64k calls, runs of at
+/// least 16 positions, at most 4096 runs (a shape-only rule, so that results repeat).
+inline void split_runs(long elements, long reach, long& runs, long& length) {
+  runs = (65536 + elements - 1) / elements;
+  runs = runs < (reach + 15) / 16 ? runs : (reach + 15) / 16;
+  runs = runs < 4096 ? runs : 4096;
+  runs = runs > 1 ? runs : 1;
+  length = (reach + runs - 1) / runs;
+}
 
 /// The reverse of a broadcasting expression where loop iterations run concurrently: adding
 /// into a broadcast leaf from every output element would race. Leaves of the output's shape
 /// take one pass over the output (each element its own writer); each broadcast leaf then takes
-/// a pass over its own elements (gather_leaf).
+/// a pass in runs over its own elements (gather_runs) and one that adds the runs up.
 template <class E, class G>
 void owner_computes(const E& e, const G& g, shape s) {
   static_assert(E::leaf_count <= 32, "ckpt: an expression with more than 32 tensor operands");
   using B = backend_of<E>;
+  using T = typename E::value_type;
   E same_shape = e;
   same_shape.visit_leaves([s](auto, auto& leaf) {
     if (leaf.dims() != s) leaf.adj = nullptr;
@@ -142,7 +178,20 @@ void owner_computes(const E& e, const G& g, shape s) {
   dispatch(same_shape, g, s, false);
   E all = e;
   all.visit_leaves([&](auto k, auto& leaf) {
-    if (leaf.adj && leaf.dims() != s) B::for_each_2d(leaf.dims(), gather_leaf<decltype(k)::value, E, G>{e, g, s, leaf.dims()});
+    if (!leaf.adj || leaf.dims() == s) return;
+    constexpr int K = decltype(k)::value;
+    const shape ls = leaf.dims();
+    const long reach = (ls.rows != s.rows ? s.rows : 1) * static_cast<long>(ls.cols != s.cols ? s.cols : 1);
+    long runs = 1, length = 1;
+    split_runs(ls.size(), reach, runs, length);
+    T* scratch = B::template scratch<T>(ls.size() * runs);
+    B::fill_zero(scratch, ls.size() * runs);
+    E into_scratch = e;
+    into_scratch.visit_leaves([scratch](auto j, auto& l) {
+      if constexpr (decltype(j)::value == K) l.adj = scratch;
+    });
+    B::for_each(ls.size() * runs, gather_runs<K, E, G>{into_scratch, g, s, ls, runs, length});
+    B::for_each(ls.size(), add_runs<T>{leaf.adj, scratch, ls.size(), runs});
   });
 }
 

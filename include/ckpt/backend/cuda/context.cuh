@@ -59,6 +59,7 @@ class context {
   context& operator=(const context&) = delete;
   ~context() {  // at exit the driver may be gone already: errors are ignored here
     for (cudaEvent_t e : events_) cudaEventDestroy(e);
+    cudaFree(scratch_);
     cudaFree(partials_);
     cublasDestroy(blas_);
     cudaStreamDestroy(copy_stream_);
@@ -70,6 +71,20 @@ class context {
   cublasHandle_t blas() const { return blas_; }
   double* partials() const { return partials_; }
   counters& count() { return count_; }
+
+  /// A device buffer of at least `bytes` for partial sums, reused by every call (stream order
+  /// keeps its users apart); it only grows, so a steady state allocates nothing.
+  void* scratch(std::size_t bytes) {
+    if (bytes > scratch_bytes_) {
+      if (scratch_) check(cudaFree(scratch_), "cudaFree(scratch)");
+      scratch_ = nullptr;
+      scratch_bytes_ = 0;
+      check(cudaMalloc(&scratch_, bytes), "cudaMalloc(scratch)");
+      ++count_.device_allocations;
+      scratch_bytes_ = bytes;
+    }
+    return scratch_;
+  }
 
   /// TF32 tensor-core products for float (about 10 mantissa bits in the products): off by
   /// default, so that float results match the CPU backend to 1e-5.
@@ -103,6 +118,8 @@ class context {
   cudaStream_t copy_stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   double* partials_ = nullptr;
+  void* scratch_ = nullptr;
+  std::size_t scratch_bytes_ = 0;
   counters count_;
   std::vector<cudaEvent_t> events_;
   bool tf32_ = false;

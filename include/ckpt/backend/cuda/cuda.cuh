@@ -34,8 +34,16 @@ __global__ void for_each_kernel(long n, F f) {
 template <class F>
 __global__ void for_each_2d_kernel(int rows, long n, F f) {
   const long stride = static_cast<long>(gridDim.x) * blockDim.x;
-  for (long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
-    f(static_cast<int>(i % rows), static_cast<int>(i / rows));
+  if (n <= 0xffffffffL) {  // 32-bit division where it suffices: 64-bit division is emulated
+    const unsigned ur = static_cast<unsigned>(rows);
+    for (long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+      const unsigned u = static_cast<unsigned>(i);
+      f(static_cast<int>(u % ur), static_cast<int>(u / ur));
+    }
+  } else {
+    for (long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+      f(static_cast<int>(i % rows), static_cast<int>(i / rows));
+  }
 }
 /// One thread per row, its columns in order: consecutive threads read consecutive addresses.
 template <class F>
@@ -145,6 +153,11 @@ struct cuda {
     synchronize();
   }
   static void synchronize() { cuda_detail::check(cudaStreamSynchronize(stream()), "cudaStreamSynchronize"); }
+  /// Room for n values of partial sums, valid until the next call (in stream order).
+  template <class T>
+  static T* scratch(long n) {
+    return static_cast<T*>(context().scratch(static_cast<std::size_t>(n > 0 ? n : 1) * sizeof(T)));
+  }
 
   // ---------------------------------------------------------------- offload (see Tape::offload)
   // Copies run on the context's copy stream, ordered against the compute stream by events, so

@@ -1,0 +1,118 @@
+// Backend-generic op checks: every op's value and the gradients of all its inputs on backend B
+// against the same program on a reference backend (the CPU), on the same inputs. The CUDA suite
+// (tests/cuda/test_cuda.cu) runs them against backend::cuda; the ops suite runs them against a
+// CPU backend whose loops run out of order, as a concurrent backend's may
+// (tests/ops/test_concurrent.cpp), so that the concurrent code paths run in CI too.
+#pragma once
+#include "support/gradcheck.hpp"
+
+#include <span>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace ckpt::test {
+
+template <class T>
+constexpr double backend_tolerance = std::is_same_v<T, float> ? 1e-5 : 1e-12;
+
+/// Max |a - b| <= tol * max(1e-30, max |b|): relative to the tensor's largest entry.
+inline void expect_near(const Mat& a, const Mat& b, double tol, const std::string& what) {
+  REQUIRE(a.rows() == b.rows());
+  REQUIRE(a.cols() == b.cols());
+  if (a.size() == 0) return;
+  const double scale = std::max(b.cwiseAbs().maxCoeff(), 1e-30);
+  const double err = (a - b).cwiseAbs().maxCoeff();
+  INFO(what, ": max |backend - reference| = ", err, ", max |reference| = ", scale);
+  CHECK(err <= tol * scale);
+}
+
+/// One run of `program` on backend B: the output's value and the gradient of every input
+/// of sum(output * weights), as double host matrices.
+template <class T, class B, class Program>
+std::vector<Mat> run_on(const Program& program, const std::vector<Mat>& inputs, std::uint64_t seed) {
+  Tape<T, B> tape;
+  tape.set_seed(seed);
+  std::vector<Var<T, B>> vars;
+  for (const auto& x : inputs) vars.push_back(tape.variable(x));
+  Var<T, B> out = program(tape, std::span<const Var<T, B>>(vars));
+  const Mat weights = random_matrix(out.rows(), out.cols(), seed + 1, 0.5, 1.5);
+  Var<T, B> loss = sum(out * tape.constant(weights));
+  std::vector<Mat> result{out.to_host().template cast<double>()};
+  tape.retain(out);
+  tape.backward(loss);
+  for (const auto& v : vars) result.push_back(tape.grad(v).template cast<double>());
+  return result;
+}
+
+/// The program on B against the same program on Ref, value and every gradient.
+template <class T, class Ref, class B, class Program>
+void expect_same_as(const char* name, const Program& program, const std::vector<Mat>& inputs, std::uint64_t seed = 11) {
+  INFO("op: ", std::string(name));
+  const auto want = run_on<T, Ref>(program, inputs, seed);
+  const auto got = run_on<T, B>(program, inputs, seed);
+  expect_near(got[0], want[0], backend_tolerance<T>, "value");
+  for (std::size_t k = 1; k < want.size(); ++k) expect_near(got[k], want[k], backend_tolerance<T>, "gradient of input " + std::to_string(k - 1));
+}
+
+inline Mat positive(int r, int c, std::uint64_t seed) { return random_matrix(r, c, seed, 0.5, 2.0); }
+
+/// Elementwise expressions, broadcasting operands included (their reverse on a concurrent
+/// backend gathers instead of scattering). R x C should cross block boundaries.
+template <class T, class Ref, class B>
+void check_elementwise_ops(int R, int C) {
+  const Mat a = random_matrix(R, C, 1), b = random_matrix(R, C, 2), col = random_matrix(R, 1, 3), row = random_matrix(1, C, 4),
+            one = random_matrix(1, 1, 5), pos = positive(R, C, 6);
+  auto same = [](const char* n, auto f, const std::vector<Mat>& in) { expect_same_as<T, Ref, B>(n, f, in); };
+  auto unary = [&](const char* n, auto f) { same(n, [f](auto&, auto in) { return eval(f(in[0])); }, {a}); };
+  unary("relu", [](const auto& x) { return relu(x); });
+  unary("gelu", [](const auto& x) { return gelu(x); });
+  unary("silu", [](const auto& x) { return silu(x); });
+  unary("sigmoid", [](const auto& x) { return sigmoid(x); });
+  unary("tanh", [](const auto& x) { return tanh(x); });
+  unary("exp", [](const auto& x) { return exp(x); });
+  unary("square", [](const auto& x) { return square(x); });
+  unary("neg", [](const auto& x) { return -x; });
+  unary("scalar ops", [](const auto& x) { return 2.0 * x - 1.5 + x / 3.0; });
+  same("log", [](auto&, auto in) { return eval(log(in[0])); }, {pos});
+  same("sqrt", [](auto&, auto in) { return eval(sqrt(in[0])); }, {pos});
+  same("pow", [](auto&, auto in) { return eval(pow(in[0], 1.7)); }, {pos});
+  same("x * sigmoid(x) + b", [](auto&, auto in) { return eval(in[0] * sigmoid(in[0]) + in[1]); }, {a, b});
+  same("a / b", [](auto&, auto in) { return eval(in[0] / in[1]); }, {a, pos});
+  same("relu(a + column)", [](auto&, auto in) { return eval(relu(in[0] + in[1])); }, {a, col});
+  same("a * row - column", [](auto&, auto in) { return eval(in[0] * in[1] - in[2]); }, {a, row, col});
+  same("one * a + column * row", [](auto&, auto in) { return eval(in[0] * in[1] + in[2] * in[3]); }, {one, a, col, row});
+  same("tanh(column + column) * a (one Var twice)", [](auto&, auto in) { return eval(tanh(in[1] + in[1]) * in[0]); }, {a, col});
+  same("six leaves (checked loop)", [](auto&, auto in) { return eval(in[0] * in[1] + in[2] * in[3] + in[4] * in[5] + in[0]); },
+       {a, b, col, row, a, one});
+  same("sum of a broadcast expression", [](auto&, auto in) { return eval(sum(in[0] * in[1] + in[2])); }, {a, col, row});
+}
+
+/// Products, reductions, row-wise ops, losses and layout.
+template <class T, class Ref, class B>
+void check_other_ops(int R, int C) {
+  const Mat a = random_matrix(R, C, 1), w = random_matrix(23, R, 2), wt = random_matrix(R, 23, 3), g = positive(R, 1, 4),
+            bias = random_matrix(R, 1, 5);
+  auto same = [](const char* n, auto f, const std::vector<Mat>& in) { expect_same_as<T, Ref, B>(n, f, in); };
+  same("matmul", [](auto&, auto in) { return matmul(in[0], in[1]); }, {w, a});
+  same("matmul(transpose(W), x)", [](auto&, auto in) { return matmul(transpose(in[0]), in[1]); }, {wt, a});
+  same("matmul(x, transpose(y))", [](auto&, auto in) { return matmul(in[0], transpose(in[1])); }, {a, a});
+  same("relu(W x + b)", [](auto&, auto in) { return eval(relu(matmul(in[0], in[1]) + in[2])); }, {w, a, random_matrix(23, 1, 6)});
+  same("sum", [](auto&, auto in) { return eval(sum(in[0])); }, {a});
+  same("mean of a broadcast expression", [](auto&, auto in) { return eval(mean(in[0] * in[1])); }, {a, bias});
+  same("mse", [](auto&, auto in) { return eval(mse(in[0], in[1])); }, {a, random_matrix(R, C, 7)});
+  same("softmax", [](auto&, auto in) { return softmax(in[0]); }, {a});
+  same("log_softmax", [](auto&, auto in) { return log_softmax(in[0]); }, {a});
+  same("layer_norm", [](auto&, auto in) { return layer_norm(in[0], in[1], in[2]); }, {a, g, bias});
+  same("rms_norm", [](auto&, auto in) { return rms_norm(in[0], in[1]); }, {a, g});
+  std::vector<int> labels(static_cast<std::size_t>(C));
+  for (int j = 0; j < C; ++j) labels[static_cast<std::size_t>(j)] = (j * 7) % R;
+  same("cross_entropy", [&labels](auto&, auto in) { return cross_entropy(in[0], labels); }, {a});
+  same("transpose", [](auto&, auto in) { return eval(transpose(in[0])); }, {a});
+  same("slice_rows", [](auto&, auto in) { return slice_rows(in[0], 5, 20); }, {a});
+  same("slice_cols", [](auto&, auto in) { return slice_cols(in[0], 17, 100); }, {a});
+  same("concat_rows", [](auto&, auto in) { return concat_rows({in[0], in[1], in[0]}); }, {a, random_matrix(4, C, 8)});
+  same("concat_cols", [](auto&, auto in) { return concat_cols({in[0], in[1]}); }, {a, random_matrix(R, 9, 9)});
+}
+
+}  // namespace ckpt::test
