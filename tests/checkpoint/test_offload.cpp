@@ -138,3 +138,33 @@ TEST_CASE("offload: an offloaded value read by user code is a tape_error that sa
   t.backward(sum(y));  // and the reverse brings it back as usual
   CHECK(t.memory().host_bytes == 0);
 }
+
+TEST_CASE("offload: a value offloaded by hand, read twice by one checkpoint or never brought back, is released once") {
+  for (bool complete : {true, false}) {
+    CAPTURE(complete);
+    B::copies_complete = complete;
+    auto run = [](bool move_out) {
+      Tape<double, B> t;
+      auto x = t.variable(random_matrix(6, 4, 2));
+      Var<double, B> h = tanh(x * 2.0);
+      Var<double, B> unused = sigmoid(x);
+      auto y = checkpoint([](const Var<double, B>& a, const Var<double, B>& b) { return Var<double, B>(a * b + a); }, h, h);
+      auto never = checkpoint([](const Var<double, B>& a) { return Var<double, B>(exp(a)); }, unused);
+      (void)never;
+      if (move_out) {
+        t.offload(h.index());       // read twice by y's re-trace: made resident once
+        t.offload(unused.index());  // no gradient reaches `never`: it is never brought back
+      }
+      t.backward(sum(y));
+      const Eigen::MatrixXd g = t.grad(x);
+      t.reset();
+      CHECK(t.bytes() == 0);
+      CHECK(t.memory().host_bytes == 0);
+      return g;
+    };
+    const Eigen::MatrixXd plain = run(false), moved = run(true);
+    CHECK(same_bits(moved, plain));
+    CHECK(B::events_live == 0);
+  }
+  B::copies_complete = true;
+}

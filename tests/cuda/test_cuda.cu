@@ -99,6 +99,27 @@ TEST_CASE("every checkpoint policy gives CUDA none's gradients bit for bit; repe
   expect_policy_bitwise<policy::offload<>>("offload<sqrt_n>");
 }
 
+TEST_CASE("offload with several megabyte boundaries in flight: none's gradients bit for bit, host memory counted and given back") {
+  // 16 layers in segments of 2: 7 checkpointed segments, so 6 boundaries between two of them,
+  // 512 x 1024 floats (2 MiB) each, go out and come back, copies overlapping compute.
+  const auto plain = mlp_grads<policy::every<2>>(16, 512, 1024);
+  const auto moved = mlp_grads<policy::offload<policy::every<2>>>(16, 512, 1024);
+  REQUIRE(plain.size() == moved.size());
+  for (std::size_t k = 0; k < plain.size(); ++k) CHECK(same_bits(moved[k], plain[k]));
+  std::vector<nn::Linear<float, cuda>> net;
+  for (int l = 0; l < 16; ++l) net.emplace_back(512, 512, 100 + static_cast<std::uint64_t>(l));
+  Tape<float, cuda> t;
+  auto x = t.variable(random_matrix(512, 1024, 1).cast<float>());
+  auto y = sequential<policy::offload<policy::every<2>>>(
+      net.size(), [&net](std::size_t i, const Var<float, cuda>& h) -> Var<float, cuda> { return h + tanh(net[i](h)); }, x);
+  const std::size_t boundary = sizeof(float) * 512 * 1024;
+  CHECK(t.memory().host_bytes > 0);
+  CHECK(t.memory().host_bytes <= 6 * boundary);
+  t.backward(mean(square(y)));
+  CHECK(t.memory().host_peak_bytes == 6 * boundary);  // pinned buffers are taken as copies start
+  CHECK(t.memory().host_bytes == 0);
+}
+
 TEST_CASE("a training loop's steady state calls no cudaMalloc") {
   nn::Linear<float, cuda> l1(64, 128, 1), l2(128, 10, 2);
   Tape<float, cuda> t;

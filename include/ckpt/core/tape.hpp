@@ -452,7 +452,9 @@ class Tape {
       r.host = host_acquire(r.bytes);
       r.device = n.value;
       r.event = B::copy_to_host_async(r.host, r.device, r.bytes);
-      n.flags |= detail::offloaded;
+      // The record owns the device buffer from here on: nothing else may give it back while
+      // the copy reads it (the sweep, a checkpoint freeing its boundary early).
+      n.flags = static_cast<std::uint16_t>((n.flags & ~detail::owns_value) | detail::offloaded);
       offloads_.push_back(r);
       ++offloads_in_flight_;
       poll_offloads();
@@ -468,11 +470,13 @@ class Tape {
       for (std::size_t k = offloads_.size(); k-- > 0;) {
         detail::offload_record& r = offloads_[k];
         if (r.node != i) continue;
+        if (r.state == detail::offload_record::resident) return;
         node_type& n = nodes_[i];
-        if (r.state == detail::offload_record::to_host) {  // still on the device: cancel
-          B::release_event(r.event);
+        if (r.state == detail::offload_record::to_host) {  // still on the device: keep it there
+          B::wait_event(r.event);  // later compute (reusing the pinned buffer) follows the copy
           --offloads_in_flight_;
           host_release(r.host, r.bytes);
+          n.flags |= detail::owns_value;
         } else {
           if (r.state == detail::offload_record::on_host) prefetch(r);
           B::wait_event(r.event);  // compute waits for the copy, the host does not
@@ -809,10 +813,8 @@ class Tape {
         if (r.state != detail::offload_record::to_host || !B::event_done(r.event)) continue;
         B::release_event(r.event);
         r.event = nullptr;
-        node_type& n = nodes_[r.node];
         pool_.release(r.device, r.bytes);
-        n.value = nullptr;
-        n.flags &= static_cast<std::uint16_t>(~detail::owns_value);
+        nodes_[r.node].value = nullptr;
         r.device = nullptr;
         r.state = detail::offload_record::on_host;
         --offloads_in_flight_;
@@ -847,7 +849,8 @@ class Tape {
         detail::offload_record& r = offloads_.back();
         if (r.event) B::finish_event(r.event);
         if (r.state == detail::offload_record::to_host) --offloads_in_flight_;
-        if (r.state == detail::offload_record::to_device) pool_.release(r.device, r.bytes);
+        if (r.device) pool_.release(r.device, r.bytes);  // to_host and to_device: the record's
+        if (r.state == detail::offload_record::to_host) nodes_[r.node].value = nullptr;
         if (r.host) host_release(r.host, r.bytes);
         if (r.state != detail::offload_record::resident) nodes_[r.node].flags &= static_cast<std::uint16_t>(~detail::offloaded);
         offloads_.pop_back();

@@ -3,6 +3,7 @@
 #include "ckpt/config.hpp"
 #include "ckpt/detail/accumulate.hpp"
 #include "ckpt/ops/operand.hpp"
+#include "ckpt/ops/rowwise.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -13,16 +14,6 @@
 namespace ckpt {
 
 namespace detail {
-
-/// log(sum_i exp(x_i)) of one column, stably (the column's maximum taken out first).
-template <class T>
-CKPT_HOST_DEVICE T column_logsumexp(const T* in, int rows, T& mx, T& sum) {
-  mx = -fn::infinity<T>();
-  for (int i = 0; i < rows; ++i) mx = fn::max_(mx, in[i]);
-  sum = T(0);
-  for (int i = 0; i < rows; ++i) sum += fn::exp_(in[i] - mx);
-  return mx + fn::log_(sum);
-}
 
 /// Column j's loss term: log-sum-exp minus the labelled logit.
 template <class T>

@@ -15,6 +15,17 @@ namespace detail {
 // One call per column (sample) for the column-wise work, one per row (feature) for what sums
 // over the batch: bodies are functors, so the CUDA backend runs them as kernels.
 
+/// log(sum_i exp(x_i)) of one column, stably (the column's maximum taken out first; mx and
+/// sum are left for the caller).
+template <class T>
+CKPT_HOST_DEVICE T column_logsumexp(const T* in, int rows, T& mx, T& sum) {
+  mx = -fn::infinity<T>();
+  for (int i = 0; i < rows; ++i) mx = fn::max_(mx, in[i]);
+  sum = T(0);
+  for (int i = 0; i < rows; ++i) sum += fn::exp_(in[i] - mx);
+  return mx + fn::log_(sum);
+}
+
 template <class T>
 struct softmax_forward {
   const T* in;
@@ -23,12 +34,9 @@ struct softmax_forward {
   bool log;
   CKPT_HOST_DEVICE void operator()(long j) const {
     const long o = j * rows;
-    T mx = -fn::infinity<T>();
-    for (int i = 0; i < rows; ++i) mx = fn::max_(mx, in[o + i]);
-    T sum(0);
-    for (int i = 0; i < rows; ++i) sum += fn::exp_(in[o + i] - mx);
+    T mx, sum;
+    const T lse = column_logsumexp(in + o, rows, mx, sum);
     if (log) {
-      const T lse = mx + fn::log_(sum);
       for (int i = 0; i < rows; ++i) y[o + i] = in[o + i] - lse;
     } else {
       for (int i = 0; i < rows; ++i) y[o + i] = fn::exp_(in[o + i] - mx) / sum;

@@ -26,8 +26,12 @@ class cuda_error : public error {
 namespace backend::cuda_detail {
 
 inline void check(cudaError_t e, const char* call) {
-  if (e != cudaSuccess)
+  if (e != cudaSuccess) {
+    // Clear the runtime's last error too: a caught failure must not reappear at the next
+    // kernel launch's check (check_launch reads cudaGetLastError).
+    (void)cudaGetLastError();
     throw cuda_error(ckpt::detail::cat(call, ": ", cudaGetErrorString(e), " (", cudaGetErrorName(e), ")"));
+  }
 }
 inline void check(cublasStatus_t s, const char* call) {
   if (s != CUBLAS_STATUS_SUCCESS) throw cuda_error(ckpt::detail::cat(call, ": ", cublasGetStatusString(s), " (cuBLAS status ", static_cast<int>(s), ")"));

@@ -180,7 +180,11 @@ struct cuda {
   static void* copy_to_device_async(void* dev, const void* host, std::size_t bytes) {
     return copy_behind_compute(dev, host, bytes, cudaMemcpyHostToDevice, "cudaMemcpyAsync(prefetch to device)");
   }
-  static bool event_done(void* e) noexcept { return cudaEventQuery(static_cast<cudaEvent_t>(e)) == cudaSuccess; }
+  static bool event_done(void* e) noexcept {
+    const cudaError_t r = cudaEventQuery(static_cast<cudaEvent_t>(e));
+    if (r == cudaErrorNotReady) (void)cudaGetLastError();  // "not yet" is no error to keep
+    return r == cudaSuccess;
+  }
   /// The compute stream waits for the copy (the host does not), and the event is given back.
   static void wait_event(void* e) {
     cuda_detail::check(cudaStreamWaitEvent(stream(), static_cast<cudaEvent_t>(e), 0), "cudaStreamWaitEvent");
