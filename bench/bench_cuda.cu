@@ -51,16 +51,19 @@ struct weights {
   }
 };
 
+/// The input batch lives on the device (a frozen parameter) in both versions: the steps time
+/// compute, not the upload of the batch.
 struct ckpt_model {
   std::vector<nn::Linear<float, cuda>> net;
-  explicit ckpt_model(const weights& w) {
+  Parameter<float, cuda> input;
+  ckpt_model(const weights& w, const Mat& x) : input(x, true) {
     for (int i = 0; i < w.layers; ++i) net.emplace_back(w.W[static_cast<std::size_t>(i)], w.b[static_cast<std::size_t>(i)]);
   }
   template <class P>
-  float step(Tape<float, cuda>& t, const Mat& x) {
+  float step(Tape<float, cuda>& t) {
     t.reset();
     for (auto& l : net) l.zero_grad();
-    auto h = t.constant(x);
+    auto h = t.param(input);
     auto y = sequential<P>(net.size(), [this](std::size_t i, const Var<float, cuda>& v) -> Var<float, cuda> { return relu(net[i](v)); }, h);
     auto loss = mean(square(y));
     t.backward(loss);
@@ -87,7 +90,7 @@ __global__ void scaled(float* g, const float* y, float s, long n) {
 struct hand_model {
   int layers, width, batch;
   float *W, *b, *dW, *db, *act, *g0, *g1, *ones;
-  hand_model(const weights& w, int batch_) : layers(w.layers), width(w.width), batch(batch_) {
+  hand_model(const weights& w, const Mat& x) : layers(w.layers), width(w.width), batch(static_cast<int>(x.cols())) {
     const std::size_t ww = static_cast<std::size_t>(width) * width, wb = static_cast<std::size_t>(width) * batch;
     check(cudaMalloc(&W, sizeof(float) * ww * layers), "cudaMalloc");
     check(cudaMalloc(&dW, sizeof(float) * ww * layers), "cudaMalloc");
@@ -99,6 +102,7 @@ struct hand_model {
     check(cudaMalloc(&ones, sizeof(float) * batch), "cudaMalloc");
     const std::vector<float> host_ones(static_cast<std::size_t>(batch), 1.f);
     check(cudaMemcpy(ones, host_ones.data(), sizeof(float) * batch, cudaMemcpyHostToDevice), "upload");
+    check(cudaMemcpy(act, x.data(), sizeof(float) * wb, cudaMemcpyHostToDevice), "upload");  // act[0]: the input
     for (int l = 0; l < layers; ++l) {
       check(cudaMemcpy(W + ww * l, w.W[static_cast<std::size_t>(l)].data(), sizeof(float) * ww, cudaMemcpyHostToDevice), "upload");
       check(cudaMemcpy(b + static_cast<std::size_t>(width) * l, w.b[static_cast<std::size_t>(l)].data(), sizeof(float) * width,
@@ -108,9 +112,10 @@ struct hand_model {
   ~hand_model() {
     for (float* p : {W, b, dW, db, act, g0, g1, ones}) cudaFree(p);
   }
-  std::size_t activation_bytes() const { return sizeof(float) * static_cast<std::size_t>(width) * batch * (layers + 3); }
+  /// The layers' outputs and two gradient buffers (the input, like ckpt's, is not counted).
+  std::size_t activation_bytes() const { return sizeof(float) * static_cast<std::size_t>(width) * batch * (layers + 2); }
 
-  float step(const Mat& x) {
+  float step() {
     cudaStream_t s = cuda::stream();
     cublasHandle_t h = cuda::context().blas();
     const long n = static_cast<long>(width) * batch;
@@ -118,7 +123,6 @@ struct hand_model {
     const unsigned grid = static_cast<unsigned>(std::min<long>((n + 255) / 256, 65535));
     check(cudaMemsetAsync(dW, 0, sizeof(float) * ww * layers, s), "memset");
     check(cudaMemsetAsync(db, 0, sizeof(float) * width * layers, s), "memset");
-    check(cudaMemcpyAsync(act, x.data(), sizeof(float) * n, cudaMemcpyHostToDevice, s), "upload");
     const float one = 1.f, zero = 0.f;
     for (int l = 0; l < layers; ++l) {
       float* in = act + n * l;
@@ -154,10 +158,10 @@ void check_hand_against_ckpt() {
   cuda::set_tf32(false);
   const weights w(4, 96);
   const Mat x = random_matrix(96, 80, 7, 1.0f);
-  ckpt_model m(w);
-  hand_model hm(w, 80);
+  ckpt_model m(w, x);
+  hand_model hm(w, x);
   Tape<float, cuda> t;
-  const float la = m.step<policy::none>(t, x), lh = hm.step(x);
+  const float la = m.step<policy::none>(t), lh = hm.step();
   cuda::synchronize();
   bool ok = std::abs(la - lh) <= 1e-5f * std::max(1.f, std::abs(la));
   for (int l = 0; l < w.layers && ok; ++l) {
@@ -178,12 +182,12 @@ void BM_mlp(benchmark::State& state) {
   const int layers = static_cast<int>(state.range(0)), width = static_cast<int>(state.range(1)), batch = static_cast<int>(state.range(2));
   const weights w(layers, width);
   const Mat x = random_matrix(width, batch, 3, 1.0f);
-  ckpt_model m(w);
+  ckpt_model m(w, x);
   Tape<float, cuda> t;
-  m.step<P>(t, x);  // warm: the pool fills
+  m.step<P>(t);  // warm: the pool fills
   std::size_t peak = 0;
   for (auto _ : state) {
-    benchmark::DoNotOptimize(m.step<P>(t, x));
+    benchmark::DoNotOptimize(m.step<P>(t));
     cuda::synchronize();
     peak = std::max(peak, t.peak_bytes());
   }
@@ -197,10 +201,10 @@ void BM_mlp_hand(benchmark::State& state) {
   const int layers = static_cast<int>(state.range(0)), width = static_cast<int>(state.range(1)), batch = static_cast<int>(state.range(2));
   const weights w(layers, width);
   const Mat x = random_matrix(width, batch, 3, 1.0f);
-  hand_model hm(w, batch);
-  hm.step(x);
+  hand_model hm(w, x);
+  hm.step();
   for (auto _ : state) {
-    benchmark::DoNotOptimize(hm.step(x));
+    benchmark::DoNotOptimize(hm.step());
     cuda::synchronize();
   }
   state.counters["peak_bytes"] = static_cast<double>(hm.activation_bytes());
@@ -285,7 +289,8 @@ int main(int argc, char** argv) {
   benchmark::RegisterBenchmark("none", BM_mlp<policy::none>)->Args({L, W, N})->Unit(benchmark::kMillisecond)->UseRealTime();
   benchmark::RegisterBenchmark("sqrt_n", BM_mlp<policy::sqrt_n>)->Args({L, W, N})->Unit(benchmark::kMillisecond)->UseRealTime();
   benchmark::RegisterBenchmark("offload", BM_mlp<policy::offload<>>)->Args({L, W, N})->Unit(benchmark::kMillisecond)->UseRealTime();
-  benchmark::RegisterBenchmark("offload_copies", BM_offload_copies)->Args({3, W, N})->Unit(benchmark::kMillisecond)->UseRealTime();
+  // sqrt_n over 16 layers: segments of 4, three checkpointed, so two boundaries offloaded.
+  benchmark::RegisterBenchmark("offload_copies", BM_offload_copies)->Args({2, W, N})->Unit(benchmark::kMillisecond)->UseRealTime();
   benchmark::RegisterBenchmark("elementwise", BM_elementwise)->Arg(1L << 26)->Unit(benchmark::kMillisecond)->UseManualTime();
   benchmark::RegisterBenchmark("copy", BM_copy)->Arg(1L << 26)->Unit(benchmark::kMillisecond)->UseManualTime();
   benchmark::Initialize(&argc, argv);
