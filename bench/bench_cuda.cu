@@ -108,6 +108,7 @@ struct hand_model {
       check(cudaMemcpy(b + static_cast<std::size_t>(width) * l, w.b[static_cast<std::size_t>(l)].data(), sizeof(float) * width,
                        cudaMemcpyHostToDevice), "upload");
     }
+    check(cudaDeviceSynchronize(), "upload");  // plain cudaMemcpy is not ordered with the compute stream
   }
   ~hand_model() {
     for (float* p : {W, b, dW, db, act, g0, g1, ones}) cudaFree(p);
@@ -151,6 +152,11 @@ struct hand_model {
     check(cudaMemcpy(m.data(), dW + static_cast<std::size_t>(width) * width * l, sizeof(float) * m.size(), cudaMemcpyDeviceToHost), "download");
     return m;
   }
+  Mat grad_b(int l) const {
+    Mat m(width, 1);
+    check(cudaMemcpy(m.data(), db + static_cast<std::size_t>(width) * l, sizeof(float) * m.size(), cudaMemcpyDeviceToHost), "download");
+    return m;
+  }
 };
 
 /// Before anything is timed: the hand-written gradients are ckpt's (small model, no TF32).
@@ -164,9 +170,10 @@ void check_hand_against_ckpt() {
   const float la = m.step<policy::none>(t), lh = hm.step();
   cuda::synchronize();
   bool ok = std::abs(la - lh) <= 1e-5f * std::max(1.f, std::abs(la));
+  auto close = [](const Mat& a, const Mat& h) { return (a - h).cwiseAbs().maxCoeff() <= 1e-4f * std::max(1e-30f, h.cwiseAbs().maxCoeff()); };
   for (int l = 0; l < w.layers && ok; ++l) {
-    const Mat ga = m.net[static_cast<std::size_t>(l)].weight().grad_to_host(), gh = hm.grad_W(l);
-    ok = (ga - gh).cwiseAbs().maxCoeff() <= 1e-4f * std::max(1e-30f, gh.cwiseAbs().maxCoeff());
+    auto& layer = m.net[static_cast<std::size_t>(l)];
+    ok = close(layer.weight().grad_to_host(), hm.grad_W(l)) && close(layer.bias().grad_to_host(), hm.grad_b(l));
   }
   if (!ok) {
     std::fprintf(stderr, "bench_cuda: the hand-written step's gradients differ from ckpt's; nothing timed\n");

@@ -439,6 +439,8 @@ auto checkpoint(const char* name, Segment&& segment, const Var<T, B>& first, con
       orp[k] = false;
       for (const std::size_t j : order)
         if (taken[j].offset == out_offset[k]) orp[k] = true;
+      // The re-trace replays this buffer itself: it must not move (Tape::offload).
+      if (orp[k]) t.node(on[k]).flags |= detail::replayed_too;
     }
     auto* us = t.template make_array<std::uint32_t>(uses.size());
     std::copy(uses.begin(), uses.end(), us);

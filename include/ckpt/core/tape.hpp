@@ -102,6 +102,7 @@ enum node_flag : std::uint16_t {
   consumable = 128,  // no entry of its own op reads it in reverse (see Tape::consume)
   consumed = 256,    // freed after the expression it was passed to as a temporary was computed
   offloaded = 512,   // its value is (on its way) in host memory: policy::offload, Tape::offload
+  replayed_too = 1024,  // its buffer is also a value its checkpoint's re-trace replays: it stays put
 };
 
 /// A value moved to pinned host memory (Tape::offload) and where it stands.
@@ -442,12 +443,16 @@ class Tape {
   /// Moves node i's value to pinned host memory on the backend's copy stream, while compute
   /// goes on; the device buffer returns to the pool once the copy is done. make_resident()
   /// brings it back (a checkpoint's reverse does, and prefetches the value needed next). A
-  /// no-op on backends whose memory is host memory (the CPU: the value stays in place), and
-  /// for values the tape does not own or must keep readable (retained).
+  /// no-op on backends whose memory is host memory (the CPU: the value stays in place), for
+  /// values the tape does not own or must keep readable (retained, or replayed by a re-trace
+  /// from the same buffer), and inside a checkpointed segment (whose recording is rolled back
+  /// at once: the copy would be wasted, and an enclosing checkpoint may keep the value).
   void offload(std::uint32_t i) {
     if constexpr (B::offloads) {
       node_type& n = nodes_[i];
-      if (!n.has(detail::owns_value) || !n.value || n.has(detail::retained) || n.has(detail::offloaded)) return;
+      if (!n.has(detail::owns_value) || !n.value || n.has(detail::retained) || n.has(detail::offloaded) ||
+          n.has(detail::replayed_too) || segment_base_ > 0 || retrace_depth_ > 0)
+        return;
       detail::offload_record r{i, bytes_of(n.dims)};
       r.host = host_acquire(r.bytes);
       r.device = n.value;

@@ -178,7 +178,7 @@ void owner_computes(const E& e, const G& g, shape s) {
   dispatch(same_shape, g, s, false);
   E all = e;
   all.visit_leaves([&](auto k, auto& leaf) {
-    if (!leaf.adj || leaf.dims() == s) return;
+    if (!leaf.adj || leaf.dims() == s || leaf.dims().size() == 0) return;
     constexpr int K = decltype(k)::value;
     const shape ls = leaf.dims();
     const long reach = (ls.rows != s.rows ? s.rows : 1) * static_cast<long>(ls.cols != s.cols ? s.cols : 1);
