@@ -56,9 +56,10 @@ shape shape_of(const E& e, const char* op) {
 }
 
 /// The tape two operands share; throws if they come from two tapes or neither has one.
-template <class T, class B>
-Tape<T, B>& tape_of(const resolved<T, B>& a, const resolved<T, B>& b, const char* op) {
-  Tape<T, B>* t = expr::common_tape(a.tape, b.tape, op);
+template <class RA, class RB>
+auto& tape_of(const RA& a, const RB& b, const char* op) {
+  static_assert(std::is_same_v<RA, RB>, "ckpt: an op mixes tensors of different backends, or float and double tensors");
+  auto* t = expr::common_tape(a.tape, b.tape, op);
   if (!t) throw tape_error(cat(op, ": no operand is on a tape; bring a parameter onto one with tape.param(p)"));
   return *t;
 }
