@@ -25,11 +25,9 @@ struct ordered_cpu : backend::cpu {
   static void for_each_2d(shape s, const F& f) {
     for_each(s.size(), [&](long i) { f(static_cast<int>(i % s.rows), static_cast<int>(i / s.rows)); });
   }
-  template <class F>
-  static void for_each_row(shape s, const F& f) {  // rows in any order, each row's columns in order
-    for_each(s.rows, [&](long r) {
-      for (int c = 0; c < s.cols; ++c) f(static_cast<int>(r), c);
-    });
+  template <class T, class Term>
+  static void add_row_sums(T* out, shape s, const Term& term) {  // what backend::cuda runs
+    detail::add_row_sums_in_runs<ordered_cpu>(out, s, term);
   }
   template <class T>
   static T* scratch(long n) {

@@ -3,6 +3,7 @@
 #pragma once
 #include "ckpt/config.hpp"
 #include "ckpt/core/tape.hpp"
+#include "ckpt/detail/runs.hpp"
 #include "ckpt/expr/expression.hpp"
 
 #include <utility>
@@ -138,30 +139,6 @@ struct gather_runs {
     }
   }
 };
-/// adj[p] += the runs' partial sums for element p, in run order.
-template <class T>
-struct add_runs {
-  T* adj;
-  const T* scratch;
-  long elements;
-  long runs;
-  CKPT_HOST_DEVICE void operator()(long p) const {
-    T s(0);
-    for (long k = 0; k < runs; ++k) s += scratch[p + k * elements];
-    adj[p] += s;
-  }
-};
-
-/// How a broadcast leaf's contributions are split: enough runs for about 64k calls, runs of at
-/// least 16 positions, at most 4096 runs (a shape-only rule, so that results repeat).
-inline void split_runs(long elements, long reach, long& runs, long& length) {
-  runs = (65536 + elements - 1) / elements;
-  runs = runs < (reach + 15) / 16 ? runs : (reach + 15) / 16;
-  runs = runs < 4096 ? runs : 4096;
-  runs = runs > 1 ? runs : 1;
-  length = (reach + runs - 1) / runs;
-}
-
 /// The reverse of a broadcasting expression where loop iterations run concurrently: adding
 /// into a broadcast leaf from every output element would race. Leaves of the output's shape
 /// take one pass over the output (each element its own writer); each broadcast leaf then takes
@@ -183,7 +160,7 @@ void owner_computes(const E& e, const G& g, shape s) {
     const shape ls = leaf.dims();
     const long reach = (ls.rows != s.rows ? s.rows : 1) * static_cast<long>(ls.cols != s.cols ? s.cols : 1);
     long runs = 1, length = 1;
-    split_runs(ls.size(), reach, runs, length);
+    ckpt::detail::split_runs(ls.size(), reach, runs, length);
     T* scratch = B::template scratch<T>(ls.size() * runs);
     B::fill_zero(scratch, ls.size() * runs);
     E into_scratch = e;
@@ -191,7 +168,7 @@ void owner_computes(const E& e, const G& g, shape s) {
       if constexpr (decltype(j)::value == K) l.adj = scratch;
     });
     B::for_each(ls.size() * runs, gather_runs<K, E, G>{into_scratch, g, s, ls, runs, length});
-    B::for_each(ls.size(), add_runs<T>{leaf.adj, scratch, ls.size(), runs});
+    B::for_each(ls.size(), ckpt::detail::add_runs<T>{leaf.adj, scratch, ls.size(), runs});
   });
 }
 

@@ -12,6 +12,7 @@
 #include "ckpt/ops/dropout.hpp"
 #include "ckpt/ops/matmul.hpp"
 #include "ckpt/ops/operand.hpp"
+#include "ckpt/ops/rowwise.hpp"
 
 #include <optional>
 
@@ -26,14 +27,6 @@ struct add_bias {
   const T* b;
   int rows;
   CKPT_HOST_DEVICE void operator()(int i, int j) const { y[i + static_cast<long>(j) * rows] += b[i]; }
-};
-/// db(i) += g(i, j): the bias's gradient, summed over the batch row by row.
-template <class T>
-struct sum_into_bias {
-  T* db;
-  const T* g;
-  int rows;
-  CKPT_HOST_DEVICE void operator()(int i, int j) const { db[i] += g[i + static_cast<long>(j) * rows]; }
 };
 
 template <class T>
@@ -60,7 +53,7 @@ struct lora_entry {
       ++t.counters().gemms;
       Bk::gemm(false, true, m, r, n, scale, g, m, u.value, r, T(1), dB, m);
     }
-    if (T* db = bias.value ? t.adjoint_of(bias) : nullptr) Bk::for_each_row(shape{m, n}, sum_into_bias<T>{db, g, m});
+    if (T* db = bias.value ? t.adjoint_of(bias) : nullptr) Bk::add_row_sums(db, shape{m, n}, ckpt::detail::element_term<T>{g, m});
   }
 };
 

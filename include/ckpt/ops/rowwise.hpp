@@ -148,22 +148,26 @@ struct norm_reverse_input {
   }
 };
 
-/// d gain and d bias: element (i, j) adds column j's share into row i's.
+/// Column j's share of d gain(i): g(i, j) xhat(i, j).
 template <class T>
-struct norm_reverse_affine {
+struct norm_gain_term {
   const T* g;
   const T* x;
   const T* st;
-  T* dgain;  // either may be null
-  T* dbias;
   int rows;
   bool centred;
-  CKPT_HOST_DEVICE void operator()(int i, int j) const {
+  CKPT_HOST_DEVICE T operator()(int i, int j) const {
     const long k = i + static_cast<long>(j) * rows;
     const T mu = centred ? st[2 * j] : T(0), rstd = st[2 * j + 1];
-    if (dgain) dgain[i] += g[k] * ((x[k] - mu) * rstd);
-    if (dbias) dbias[i] += g[k];
+    return g[k] * ((x[k] - mu) * rstd);
   }
+};
+/// Element (i, j) of a column-major rows-row matrix: a bias's share from column j.
+template <class T>
+struct element_term {
+  const T* g;
+  int rows;
+  CKPT_HOST_DEVICE T operator()(int i, int j) const { return g[i + static_cast<long>(j) * rows]; }
 };
 
 /// Shared by layer_norm (centred) and rms_norm (not centred).
@@ -182,7 +186,8 @@ struct norm_entry {
     T* dbias = bias.value ? t.adjoint_of(bias) : nullptr;
     const T* st = t.node(stats).value;
     const int r = x.dims.rows;
-    if (dgain || dbias) B::for_each_row(x.dims, norm_reverse_affine<T>{g, x.value, st, dgain, dbias, r, centred});
+    if (dgain) B::add_row_sums(dgain, x.dims, norm_gain_term<T>{g, x.value, st, r, centred});
+    if (dbias) B::add_row_sums(dbias, x.dims, element_term<T>{g, r});
     if (dx) B::for_each(x.dims.cols, norm_reverse_input<T>{g, x.value, gain.value, st, dx, r, centred});
   }
 };

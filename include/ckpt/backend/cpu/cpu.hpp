@@ -61,7 +61,7 @@ inline bool use_blas() {
 }  // namespace detail
 
 /// Tensors live in host memory; products go to BLAS when CKPT_USE_BLAS is defined. The loops
-/// (for_each, for_each_2d, for_each_row, sum) run in order on the calling thread: the orders
+/// (for_each, for_each_2d, add_row_sums, sum) run in order on the calling thread: the orders
 /// they promise are the orders the reverse-mode tests compare bit for bit.
 struct cpu {
   static constexpr const char* name = "cpu";
@@ -116,11 +116,12 @@ struct cpu {
     for (int c = 0; c < s.cols; ++c)
       for (int r = 0; r < s.rows; ++r) f(r, c);
   }
-  /// f(r, c) for every element, with the calls for one row in increasing c, one after
-  /// another (rows may run concurrently elsewhere): f may add into an element owned by row r.
-  template <class F>
-  static void for_each_row(shape s, const F& f) {
-    for_each_2d(s, f);  // column by column keeps each row's calls in increasing c
+  /// out[r] += the sum over c of term(r, c): a row's terms over the batch (a bias's
+  /// gradient). Here each row adds its terms in increasing c, column by column.
+  template <class T, class Term>
+  static void add_row_sums(T* out, shape s, const Term& term) {
+    for (int c = 0; c < s.cols; ++c)
+      for (int r = 0; r < s.rows; ++r) out[r] += term(r, c);
   }
   /// out[0] = finish(sum of term(i) for i < n), added in the order of detail/accumulate.hpp.
   template <class T, class F, class Finish>

@@ -12,6 +12,7 @@
 #include "ckpt/backend/cuda/context.cuh"
 #include "ckpt/core/shape.hpp"
 #include "ckpt/detail/accumulate.hpp"
+#include "ckpt/detail/runs.hpp"
 
 #include <algorithm>
 #include <cstddef>
@@ -44,13 +45,6 @@ __global__ void for_each_2d_kernel(int rows, long n, F f) {
     for (long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
       f(static_cast<int>(i % rows), static_cast<int>(i / rows));
   }
-}
-/// One thread per row, its columns in order: consecutive threads read consecutive addresses.
-template <class F>
-__global__ void for_each_row_kernel(int rows, int cols, F f) {
-  const long stride = static_cast<long>(gridDim.x) * blockDim.x;
-  for (long r = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x; r < rows; r += stride)
-    for (int c = 0; c < cols; ++c) f(static_cast<int>(r), c);
 }
 
 /// Adds the block's block_threads values of s in a fixed tree; s[0] holds the sum.
@@ -214,12 +208,11 @@ struct cuda {
     cuda_detail::for_each_2d_kernel<<<cuda_detail::grid_for(n), cuda_detail::block_threads, 0, stream()>>>(s.rows, n, f);
     cuda_detail::check_launch("for_each_2d kernel");
   }
-  template <class F>
-  static void for_each_row(shape s, const F& f) {
-    static_assert(std::is_trivially_copyable_v<F>, "ckpt::backend::cuda: a loop body is copied to the device");
-    if (s.size() <= 0) return;
-    cuda_detail::for_each_row_kernel<<<cuda_detail::grid_for(s.rows), cuda_detail::block_threads, 0, stream()>>>(s.rows, s.cols, f);
-    cuda_detail::check_launch("for_each_row kernel");
+  /// Row sums in fixed runs (detail/runs.hpp): about 64k threads, each summing its run in a
+  /// register, then one thread per row adding its runs in order.
+  template <class T, class Term>
+  static void add_row_sums(T* out, shape s, const Term& term) {
+    ckpt::detail::add_row_sums_in_runs<cuda>(out, s, term);
   }
   template <class T, class F, class Finish>
   static void sum(T* out, long n, const F& term, const Finish& finish) {

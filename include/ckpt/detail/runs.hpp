@@ -1,0 +1,65 @@
+// ckpt — sums over a broadcast dimension in fixed runs (internal), for backends whose loop
+// iterations run concurrently: instead of many iterations adding into one element (a race, or
+// atomics whose order varies), each element's terms are split into runs whose split depends on
+// the shapes alone; run k of element p is summed by one call into scratch[p + k * elements],
+// and one call per element then adds its runs in order. Results repeat bit for bit.
+#pragma once
+#include "ckpt/config.hpp"
+#include "ckpt/core/shape.hpp"
+
+namespace ckpt::detail {
+
+/// How `reach` terms per element are split: enough runs for about 64k calls in all, runs of
+/// at least 16 terms, at most 4096 runs.
+inline void split_runs(long elements, long reach, long& runs, long& length) {
+  runs = (65536 + elements - 1) / (elements > 0 ? elements : 1);
+  runs = runs < (reach + 15) / 16 ? runs : (reach + 15) / 16;
+  runs = runs < 4096 ? runs : 4096;
+  runs = runs > 1 ? runs : 1;
+  length = (reach + runs - 1) / runs;
+}
+
+/// out[p] += the runs' partial sums for element p, in run order.
+template <class T>
+struct add_runs {
+  T* out;
+  const T* scratch;
+  long elements;
+  long runs;
+  CKPT_HOST_DEVICE void operator()(long p) const {
+    T s(0);
+    for (long k = 0; k < runs; ++k) s += scratch[p + k * elements];
+    out[p] += s;
+  }
+};
+
+/// Run k of row r: the sum of term(r, c) over its columns, into scratch[r + k * rows].
+template <class T, class Term>
+struct row_run {
+  T* scratch;
+  Term term;
+  int rows, cols;
+  long length;
+  CKPT_HOST_DEVICE void operator()(long i) const {
+    const int r = static_cast<int>(i % rows);
+    const long k = i / rows;
+    const long c1 = (k + 1) * length < cols ? (k + 1) * length : cols;
+    T acc(0);
+    for (long c = k * length; c < c1; ++c) acc += term(r, static_cast<int>(c));
+    scratch[i] = acc;
+  }
+};
+
+/// out[r] += sum over c of term(r, c), in runs (see the top of this file): B's add_row_sums
+/// on a concurrent backend.
+template <class B, class T, class Term>
+void add_row_sums_in_runs(T* out, shape s, const Term& term) {
+  if (s.size() == 0) return;
+  long runs = 1, length = 1;
+  split_runs(s.rows, s.cols, runs, length);
+  T* scratch = B::template scratch<T>(s.rows * runs);
+  B::for_each(s.rows * runs, row_run<T, Term>{scratch, term, s.rows, s.cols, length});
+  B::for_each(s.rows, add_runs<T>{out, scratch, s.rows, runs});
+}
+
+}  // namespace ckpt::detail
