@@ -13,6 +13,27 @@
 
 namespace ckpt {
 
+namespace detail {
+/// A host copy of the s.size() values at p on backend B.
+template <class B, class T>
+Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> download(const T* p, shape s) {
+  Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> m(s.rows, s.cols);
+  B::to_host(m.data(), p, m.size());
+  return m;
+}
+/// Writes a host matrix (cast to T) to p on backend B.
+template <class B, class T, class Derived>
+void upload(T* p, const Eigen::MatrixBase<Derived>& m) {
+  using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+  if constexpr (std::is_same_v<B, backend::cpu>) {
+    Eigen::Map<Matrix>(p, m.rows(), m.cols()) = m.template cast<T>();
+  } else {
+    const Matrix host = m.template cast<T>();
+    B::from_host(p, host.data(), host.size());
+  }
+}
+}  // namespace detail
+
 /// Owns one backend buffer of rows x cols values; moves, never copies implicitly.
 template <class T, Backend B>
 class buffer {
@@ -100,25 +121,14 @@ class Parameter {
     if (m.rows() != rows() || m.cols() != cols())
       throw shape_error(detail::cat("Parameter::assign: a ", shape{static_cast<int>(m.rows()), static_cast<int>(m.cols())},
                                     " matrix for a ", dims(), " parameter"));
-    if constexpr (std::is_same_v<B, backend::cpu>) {
-      value() = m.template cast<T>();
-    } else {
-      const Matrix host = m.template cast<T>();
-      B::from_host(value_.data(), host.data(), host.size());
-    }
+    detail::upload<B>(value_.data(), m);
   }
   /// A host copy of the value (any backend).
-  Matrix to_host() const {
-    Matrix m(rows(), cols());
-    B::to_host(m.data(), value_.data(), m.size());
-    return m;
-  }
+  Matrix to_host() const { return detail::download<B>(value_.data(), dims()); }
   /// A host copy of the gradient (any backend); throws for a frozen parameter.
   Matrix grad_to_host() const {
     if (frozen_) throw tape_error(detail::cat("grad: parameter ", dims(), " is frozen and has no gradient"));
-    Matrix m(rows(), cols());
-    B::to_host(m.data(), grad_.data(), m.size());
-    return m;
+    return detail::download<B>(grad_.data(), dims());
   }
 
   /// The value in place, as an Eigen map (CPU backend; elsewhere use to_host() and assign()).

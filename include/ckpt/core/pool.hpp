@@ -10,7 +10,9 @@
 #include "ckpt/core/backend.hpp"
 
 #include <algorithm>
+#include <concepts>
 #include <cstddef>
+#include <new>
 #include <unordered_map>
 #include <vector>
 
@@ -31,7 +33,36 @@ struct memory_stats {
   std::size_t host_reserved_bytes = 0;
 };
 
-template <Backend B>
+/// Where a pool's buffers come from: a backend, or the pinned host memory it offloads into.
+template <class A>
+concept Allocator = requires(std::size_t bytes, void* p) {
+  { A::alignment } -> std::convertible_to<std::size_t>;
+  { A::allocate(bytes) } -> std::same_as<void*>;
+  A::deallocate(p, bytes);
+};
+
+namespace detail {
+/// The pinned host memory backend B offloads values into (policy::offload), as an allocator.
+/// Backends that do not offload never allocate through it.
+template <class B>
+struct host_memory_of {
+  static constexpr std::size_t alignment = 64;
+  static void* allocate(std::size_t bytes) {
+    if constexpr (B::offloads)
+      return B::host_allocate(bytes);
+    else
+      return ::operator new(bytes);
+  }
+  static void deallocate(void* p, std::size_t) noexcept {
+    if constexpr (B::offloads)
+      B::host_deallocate(p);
+    else
+      ::operator delete(p);
+  }
+};
+}  // namespace detail
+
+template <Allocator B>
 class buffer_pool {
  public:
   buffer_pool() = default;

@@ -26,7 +26,6 @@
 #include <utility>
 #include <string_view>
 #include <type_traits>
-#include <unordered_map>
 #include <vector>
 
 namespace ckpt {
@@ -276,10 +275,7 @@ class Tape {
   explicit Tape(tape_options options = {}) : meta_(options.chunk_bytes) {}
   Tape(const Tape&) = delete;
   Tape& operator=(const Tape&) = delete;
-  ~Tape() {
-    reset_to(ckpt::position{});
-    trim_host();
-  }
+  ~Tape() { reset_to(ckpt::position{}); }
 
   // ---------------------------------------------------------------- leaves
 
@@ -340,17 +336,12 @@ class Tape {
     check(v, "grad");
     const node_type& n = nodes_[v.index()];
     if (!n.adjoint) return Matrix::Zero(n.dims.rows, n.dims.cols);
-    Matrix m(n.dims.rows, n.dims.cols);
-    B::to_host(m.data(), n.adjoint, m.size());
-    return m;
+    return detail::download<B>(n.adjoint, n.dims);
   }
   /// The value of a Var as a host matrix (any backend).
   Matrix to_host(const Var<T, B>& v) const {
     check(v, "to_host");
-    const node_type& n = nodes_[v.index()];
-    Matrix m(n.dims.rows, n.dims.cols);
-    B::to_host(m.data(), n.value, m.size());
-    return m;
+    return detail::download<B>(nodes_[v.index()].value, nodes_[v.index()].dims);
   }
 
   /// Keeps a Var's value (and gradient) readable after backward.
@@ -401,7 +392,7 @@ class Tape {
     ++step_;
     rng_counter_ = 0;
     pool_.reset_peak();
-    host_peak_bytes_ = host_bytes_;
+    host_pool_.reset_peak();
     counters_ = {};
     created_ = 0;
   }
@@ -410,9 +401,10 @@ class Tape {
 
   memory_stats memory() const {
     memory_stats m = pool_.stats();
-    m.host_bytes = host_bytes_;
-    m.host_peak_bytes = host_peak_bytes_;
-    m.host_reserved_bytes = host_reserved_bytes_;
+    const memory_stats& h = host_pool_.stats();
+    m.host_bytes = h.bytes;
+    m.host_peak_bytes = h.peak_bytes;
+    m.host_reserved_bytes = h.reserved_bytes;
     return m;
   }
   std::size_t bytes() const { return pool_.stats().bytes; }
@@ -454,7 +446,7 @@ class Tape {
           n.has(detail::replayed_too) || segment_base_ > 0 || retrace_depth_ > 0)
         return;
       detail::offload_record r{i, bytes_of(n.dims)};
-      r.host = host_acquire(r.bytes);
+      r.host = host_pool_.acquire(r.bytes);
       r.device = n.value;
       r.event = B::copy_to_host_async(r.host, r.device, r.bytes);
       // The record owns the device buffer from here on: nothing else may give it back while
@@ -480,12 +472,12 @@ class Tape {
         if (r.state == detail::offload_record::to_host) {  // still on the device: keep it there
           B::wait_event(r.event);  // later compute (reusing the pinned buffer) follows the copy
           --offloads_in_flight_;
-          host_release(r.host, r.bytes);
+          host_pool_.release(r.host, r.bytes);
           n.flags |= detail::owns_value;
         } else {
           if (r.state == detail::offload_record::on_host) prefetch(r);
           B::wait_event(r.event);  // compute waits for the copy, the host does not
-          host_release(r.host, r.bytes);  // later copies into it are ordered after this one
+          host_pool_.release(r.host, r.bytes);  // later copies into it are ordered after this one
           n.value = static_cast<T*>(r.device);
           n.flags |= detail::owns_value;
         }
@@ -720,12 +712,7 @@ class Tape {
   Var<T, B> leaf_from(const Eigen::MatrixBase<Derived>& m, bool grad, const char* op) {
     const shape s{static_cast<int>(m.rows()), static_cast<int>(m.cols())};
     const std::uint32_t i = new_node(s, op, op_kind::leaf, grad ? detail::requires_grad : 0);
-    if constexpr (std::is_same_v<B, backend::cpu>) {
-      Eigen::Map<Matrix>(nodes_[i].value, s.rows, s.cols) = m.template cast<T>();
-    } else {
-      const Matrix host = m.template cast<T>();
-      B::from_host(nodes_[i].value, host.data(), host.size());
-    }
+    detail::upload<B>(nodes_[i].value, m);
     return var_of(i);
   }
 
@@ -856,7 +843,7 @@ class Tape {
         if (r.state == detail::offload_record::to_host) --offloads_in_flight_;
         if (r.device) pool_.release(r.device, r.bytes);  // to_host and to_device: the record's
         if (r.state == detail::offload_record::to_host) nodes_[r.node].value = nullptr;
-        if (r.host) host_release(r.host, r.bytes);
+        if (r.host) host_pool_.release(r.host, r.bytes);
         if (r.state != detail::offload_record::resident) nodes_[r.node].flags &= static_cast<std::uint16_t>(~detail::offloaded);
         offloads_.pop_back();
       }
@@ -864,46 +851,10 @@ class Tape {
       (void)first;
     }
   }
-  /// Pinned host buffers, cached by size across steps like the device pool.
-  void* host_acquire(std::size_t bytes) {
-    void* p = nullptr;
-    auto& list = host_free_[bytes];
-    if (!list.empty()) {
-      p = list.back();
-      list.pop_back();
-    } else {
-      if constexpr (B::offloads) p = B::host_allocate(bytes);
-      host_reserved_bytes_ += bytes;
-    }
-    host_bytes_ += bytes;
-    host_peak_bytes_ = std::max(host_peak_bytes_, host_bytes_);
-    return p;
-  }
-  void host_release(void* p, std::size_t bytes) noexcept {
-    host_bytes_ -= bytes;
-    try {
-      host_free_[bytes].push_back(p);
-    } catch (...) {
-      if constexpr (B::offloads) B::host_deallocate(p);
-      host_reserved_bytes_ -= bytes;
-    }
-  }
-  void trim_host() noexcept {
-    for (auto& [bytes, list] : host_free_) {
-      for (void* p : list) {
-        if constexpr (B::offloads) B::host_deallocate(p);
-        (void)p;
-      }
-      host_reserved_bytes_ -= bytes * list.size();
-      list.clear();
-    }
-  }
-
   buffer_pool<B> pool_;
   std::vector<detail::offload_record> offloads_;  // in the order the values were offloaded
   std::uint32_t offloads_in_flight_ = 0;          // records in state to_host
-  std::unordered_map<std::size_t, std::vector<void*>> host_free_;
-  std::size_t host_bytes_ = 0, host_peak_bytes_ = 0, host_reserved_bytes_ = 0;
+  buffer_pool<detail::host_memory_of<B>> host_pool_;  // pinned host buffers, cached like the device's
   arena meta_;
   std::vector<node_type> nodes_;
   std::vector<entry_type> entries_;
