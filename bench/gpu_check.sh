@@ -19,11 +19,11 @@ log "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 nvcc --version | tail -2
 
-log "configure and build (sm_90, Release, warnings are errors)"
+log "configure and build (sm_90, Release)"
 deps=$PWD/.deps/usr
 [ -d "$deps" ] || { echo "no .deps/: run scripts/gpu_deps.sh on the dev machine and carry .deps"; exit 2; }
 cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCKPT_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-  -DCKPT_WERROR=ON -DCKPT_BUILD_EXAMPLES=OFF -DCMAKE_PREFIX_PATH="$deps" -DCKPT_NATIVE=OFF >"$out/configure.log" 2>&1 ||
+  -DCKPT_WERROR=OFF -DCKPT_BUILD_EXAMPLES=OFF -DCMAKE_PREFIX_PATH="$deps" -DCKPT_NATIVE=OFF >"$out/configure.log" 2>&1 ||
   { tail -30 "$out/configure.log"; exit 1; }
 cmake --build build/gpu --target test_cuda bench_cuda -j "$(nproc)" 2>&1 | tail -5
 [ -x build/gpu/tests/test_cuda ] && [ -x build/gpu/bench/bench_cuda ] || { echo "build failed"; exit 1; }
