@@ -6,6 +6,8 @@
 // the sum's rounding would depend on their order.
 #include "support/backend_checks.hpp"
 
+#include <barrier>
+#include <thread>
 #include <vector>
 
 using namespace ckpt;
@@ -29,12 +31,49 @@ struct ordered_cpu : backend::cpu {
   static void add_row_sums(T* out, shape s, const Term& term) {  // what backend::cuda runs
     detail::add_row_sums_in_runs<ordered_cpu>(out, s, term);
   }
-  template <class T>
-  static T* scratch(long n) {
-    static std::vector<T> buffer;
-    if (static_cast<long>(buffer.size()) < n) buffer.resize(static_cast<std::size_t>(n));
-    return buffer.data();
+  /// Four lanes per column, as four threads that take the columns in the same order and meet
+  /// at each lane reduction (a warp's shuffles, emulated): a lane that missed its rows, wrote
+  /// another lane's element or skipped a reduction would show as a wrong value or a hang.
+  template <class F>
+  static void for_each_column(shape s, const F& f) {
+    meeting m;
+    std::vector<std::thread> lanes;
+    for (int l = 0; l < meeting::width; ++l)
+      lanes.emplace_back([&, l] {
+        for (long k = 0; k < s.cols; ++k) f(Reverse ? s.cols - 1 - k : k, thread_lanes{&m, l});
+      });
+    for (auto& t : lanes) t.join();
   }
+  struct meeting {
+    static constexpr int width = 4;
+    std::barrier<> arrived{width};
+    double values[width] = {};
+  };
+  struct thread_lanes {
+    meeting* m;
+    int index;
+    int lane() const { return index; }
+    int width() const { return meeting::width; }
+    template <class T>
+    T sum(T x) const {
+      return combine(x, [](T a, T b) { return a + b; });
+    }
+    template <class T>
+    T max(T x) const {
+      return combine(x, [](T a, T b) { return fn::max_(a, b); });
+    }
+    /// Each lane posts its value, then every lane reads all four and combines them in one fixed
+    /// tree; the second meeting keeps a fast lane from posting its next value too early.
+    template <class T, class Op>
+    T combine(T x, Op op) const {
+      m->values[index] = static_cast<double>(x);  // a float or double, exactly
+      m->arrived.arrive_and_wait();
+      const auto v = [&](int l) { return static_cast<T>(m->values[l]); };
+      const T r = op(op(v(0), v(1)), op(v(2), v(3)));
+      m->arrived.arrive_and_wait();
+      return r;
+    }
+  };
 };
 using reversed = ordered_cpu<true>;
 using forward = ordered_cpu<false>;
@@ -68,4 +107,32 @@ TEST_CASE("concurrent code paths: no two loop iterations add into one element (b
                       },
                       {a, row});
   check_orders<double>("sums and a scalar operand", [](auto&, auto in) { return eval(mean(in[0] * in[1]) + sum(in[0])); }, {a, one});
+}
+
+namespace {
+/// Counts the waits a GPU would make: copies to the host and synchronisations.
+struct host_waits_counted : ordered_cpu<false> {
+  static inline long waits = 0;
+  template <class T>
+  static void to_host(T* host, const T* src, long n) {
+    ++waits;
+    backend::cpu::to_host(host, src, n);
+  }
+  static void synchronize() { ++waits; }
+};
+}  // namespace
+
+TEST_CASE("backward queues its work without waiting on the host (the loss's seed and 1x1 adjoints are read in the loops)") {
+  using B = host_waits_counted;
+  Tape<float, B> tape;
+  const Var<float, B> x = tape.variable(random_matrix(13, 40, 1)), gain = tape.variable(positive(13, 1, 2)),
+                      bias = tape.variable(random_matrix(13, 1, 3));
+  const auto h = layer_norm(x, gain, bias);
+  const auto loss = eval(mean(square(softmax(h))) + 0.5 * sum(h) + cross_entropy(h, std::vector<int>(40, 3)) + mse(h, x));
+  const long before = B::waits;
+  tape.backward(loss);
+  CHECK(B::waits == before);
+  const Mat dx = tape.grad(x).cast<double>();  // and the count does see a read back
+  CHECK(B::waits > before);
+  CHECK(dx.norm() > 0);
 }

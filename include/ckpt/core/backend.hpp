@@ -1,8 +1,9 @@
 // ckpt — what a backend must provide. The tape and its bookkeeping stay on the host; a backend
 // owns only tensor memory and the kernels that touch it: allocation, copies (within the
 // backend, and to and from the host), products, and the loop primitives every op's forward and
-// reverse are written with (for_each, for_each_2d, add_row_sums, sum, sum_2d; see
-// backend/cpu/cpu.hpp for their contracts). `concurrent` says whether loop iterations may run
+// reverse are written with (for_each, for_each_2d, for_each_column, add_row_sums, sum, sum_2d,
+// and scratch for passes that hand partial results on; see backend/cpu/cpu.hpp for their
+// contracts). `concurrent` says whether loop iterations may run
 // at the same time, so that no two of them may add into the same element. `offloads` says
 // whether the backend's memory is not host memory and it can move values to pinned host memory
 // on a side stream (copy_to_host_async, copy_to_device_async, event_done, wait_event,

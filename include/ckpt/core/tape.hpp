@@ -104,6 +104,15 @@ enum node_flag : std::uint16_t {
   replayed_too = 1024,  // its buffer is also a value its checkpoint's re-trace replays: it stays put
 };
 
+/// d loss / d loss = 1 into the loss's adjoint, on the backend: added to what is there when
+/// the adjoint is shared (a parameter used directly as the loss accumulates into its gradient).
+template <class T>
+struct seed_loss {
+  T* g;
+  bool add;
+  CKPT_HOST_DEVICE void operator()(long) const { g[0] = add ? T(1) + g[0] : T(1); }
+};
+
 /// A value moved to pinned host memory (Tape::offload) and where it stands.
 struct offload_record {
   enum state_t : std::uint8_t { to_host, on_host, to_device, resident };
@@ -314,16 +323,7 @@ class Tape {
     swept_ = true;
     nodes_[loss.index()].flags |= detail::retained;
     if (!n.has(detail::requires_grad)) return;
-    T* g = adjoint_of(loss.index());
-    // d loss / d loss = 1, added: a parameter used directly as the loss accumulates into its
-    // gradient like any other use.
-    T seed(1);
-    if (!nodes_[loss.index()].has(detail::owns_adjoint)) {
-      T current;
-      B::to_host(&current, g, 1);
-      seed += current;
-    }
-    B::from_host(g, &seed, 1);
+    B::for_each(1, detail::seed_loss<T>{adjoint_of(loss.index()), !nodes_[loss.index()].has(detail::owns_adjoint)});
     prefetch_before(offloads_.size());  // the newest offloaded value is the first needed back
     sweep(0);
   }

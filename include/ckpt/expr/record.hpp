@@ -49,9 +49,10 @@ struct adjoint_source {
 };
 /// One number for every element (the reverse of a reduction to 1x1).
 template <class T>
-struct constant_source {
-  T g;
-  CKPT_HOST_DEVICE T operator()(long) const { return g; }
+struct scalar_source {
+  const T* g;  // 1x1, read where the loop runs (no copy to the host)
+  T scale;
+  CKPT_HOST_DEVICE T operator()(long) const { return g[0] * scale; }
 };
 /// g * f'(x) of the root f, taken from the stored output y = f(x) (reverse_from_output).
 template <class Root, class T>

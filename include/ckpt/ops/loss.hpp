@@ -15,17 +15,25 @@ namespace ckpt {
 
 namespace detail {
 
-/// Column j's loss term: log-sum-exp minus the labelled logit.
+/// Column j's loss term, log-sum-exp minus the labelled logit, into loss[j].
 template <class T>
 struct cross_entropy_term {
   const T* x;
   const int* labels;
+  T* loss;
   int rows;
-  CKPT_HOST_DEVICE T operator()(long j) const {
+  template <class Lanes>
+  CKPT_HOST_DEVICE void operator()(long j, const Lanes& lanes) const {
     const T* in = x + j * rows;
     T mx, sum;
-    return column_logsumexp(in, rows, mx, sum) - in[labels[j]];
+    const T lse = column_logsumexp(in, rows, lanes, mx, sum);
+    if (lanes.lane() == 0) loss[j] = lse - in[labels[j]];
   }
+};
+template <class T>
+struct element_of {
+  const T* values;
+  CKPT_HOST_DEVICE T operator()(long j) const { return values[j]; }
 };
 template <class T>
 struct mean_over {
@@ -38,15 +46,17 @@ template <class T>
 struct cross_entropy_back {
   const T* x;
   const int* labels;
+  const T* g;  // the loss's 1x1 adjoint, read where the loop runs
   T* dx;
-  int rows;
-  T scale;
-  CKPT_HOST_DEVICE void operator()(long j) const {
+  int rows, cols;
+  template <class Lanes>
+  CKPT_HOST_DEVICE void operator()(long j, const Lanes& lanes) const {
+    const T scale = g[0] / static_cast<T>(cols);
     const T* in = x + j * rows;
     T mx, sum;
-    column_logsumexp(in, rows, mx, sum);
+    column_logsumexp(in, rows, lanes, mx, sum);
     T* d = dx + j * rows;
-    for (int i = 0; i < rows; ++i) d[i] += scale * (fn::exp_(in[i] - mx) / sum - (i == labels[j] ? T(1) : T(0)));
+    for (int i = lanes.lane(); i < rows; i += lanes.width()) d[i] += scale * (fn::exp_(in[i] - mx) / sum - (i == labels[j] ? T(1) : T(0)));
   }
 };
 
@@ -69,10 +79,7 @@ struct cross_entropy_entry {
     const T* g = t.adjoint_if(out);
     if (!g) return;
     T* dx = t.adjoint_of(x);
-    T g0;
-    B::to_host(&g0, g, 1);
-    const int n = x.dims.cols;
-    B::for_each(n, cross_entropy_back<T>{x.value, labels_of(t, labels), dx, x.dims.rows, g0 / static_cast<T>(n)});
+    B::for_each_column(x.dims, cross_entropy_back<T>{x.value, labels_of(t, labels), g, dx, x.dims.rows, x.dims.cols});
   }
 };
 
@@ -100,8 +107,11 @@ auto cross_entropy(X&& logits, std::span<const int> labels) {
   int* label_buffer = reinterpret_cast<int*>(static_cast<void*>(t.node(stored).value));
   B::from_host(label_buffer, labels.data(), static_cast<long>(labels.size()));
   const std::uint32_t out = t.new_output({1, 1}, "cross_entropy", op_kind::reduction, x.ref.requires_grad);
-  if (!t.is_replayed(out))  // the batch's terms are added in the order of detail/accumulate.hpp
-    B::sum(t.node(out).value, s.cols, detail::cross_entropy_term<T>{x.ref.value, label_buffer, s.rows}, detail::mean_over<T>{s.cols});
+  if (!t.is_replayed(out)) {  // each column's term, then their sum in the order of detail/accumulate.hpp
+    T* losses = B::template scratch<T>(s.cols);
+    B::for_each_column(s, detail::cross_entropy_term<T>{x.ref.value, label_buffer, losses, s.rows});
+    B::sum(t.node(out).value, s.cols, detail::element_of<T>{losses}, detail::mean_over<T>{s.cols});
+  }
   if (x.ref.requires_grad) t.push_entry(detail::cross_entropy_entry<T>{x.ref, stored, out}, begin);
   return t.var_of(out);
 }

@@ -40,14 +40,11 @@ struct reduce_entry {
 
   template <class TapeT>
   void backward(TapeT& t) const {
-    using B = typename TapeT::backend_type;
     const T* g = t.adjoint_if(out);
     if (!g) return;
     E bound = e;
     bound.bind(t);
-    T g0;
-    B::to_host(&g0, g, 1);
-    expr::backpropagate_with(bound, expr::constant_source<T>{g0 * scale}, dims, dense);
+    expr::backpropagate_with(bound, expr::scalar_source<T>{g, scale}, dims, dense);
   }
 };
 

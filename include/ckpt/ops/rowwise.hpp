@@ -12,17 +12,22 @@ namespace ckpt {
 
 namespace detail {
 
-// One call per column (sample) for the column-wise work, one per row (feature) for what sums
-// over the batch: bodies are functors, so the CUDA backend runs them as kernels.
+// Column-wise work runs through B::for_each_column: each column is taken by a group of lanes
+// (one on the CPU, a warp on CUDA), lane l taking rows l, l + width, ...; the lanes combine
+// their partial sums with lanes.sum and lanes.max. With one lane the loops below run in row
+// order. What sums over the batch (a gain's or bias's gradient) goes through add_row_sums.
+// Bodies are functors, so the CUDA backend runs them as kernels.
 
 /// log(sum_i exp(x_i)) of one column, stably (the column's maximum taken out first; mx and
 /// sum are left for the caller).
-template <class T>
-CKPT_HOST_DEVICE T column_logsumexp(const T* in, int rows, T& mx, T& sum) {
+template <class T, class Lanes>
+CKPT_HOST_DEVICE T column_logsumexp(const T* in, int rows, const Lanes& lanes, T& mx, T& sum) {
   mx = -fn::infinity<T>();
-  for (int i = 0; i < rows; ++i) mx = fn::max_(mx, in[i]);
+  for (int i = lanes.lane(); i < rows; i += lanes.width()) mx = fn::max_(mx, in[i]);
+  mx = lanes.max(mx);
   sum = T(0);
-  for (int i = 0; i < rows; ++i) sum += fn::exp_(in[i] - mx);
+  for (int i = lanes.lane(); i < rows; i += lanes.width()) sum += fn::exp_(in[i] - mx);
+  sum = lanes.sum(sum);
   return mx + fn::log_(sum);
 }
 
@@ -32,14 +37,15 @@ struct softmax_forward {
   T* y;
   int rows;
   bool log;
-  CKPT_HOST_DEVICE void operator()(long j) const {
+  template <class Lanes>
+  CKPT_HOST_DEVICE void operator()(long j, const Lanes& lanes) const {
     const long o = j * rows;
     T mx, sum;
-    const T lse = column_logsumexp(in + o, rows, mx, sum);
+    const T lse = column_logsumexp(in + o, rows, lanes, mx, sum);
     if (log) {
-      for (int i = 0; i < rows; ++i) y[o + i] = in[o + i] - lse;
+      for (int i = lanes.lane(); i < rows; i += lanes.width()) y[o + i] = in[o + i] - lse;
     } else {
-      for (int i = 0; i < rows; ++i) y[o + i] = fn::exp_(in[o + i] - mx) / sum;
+      for (int i = lanes.lane(); i < rows; i += lanes.width()) y[o + i] = fn::exp_(in[o + i] - mx) / sum;
     }
   }
 };
@@ -51,16 +57,19 @@ struct softmax_reverse {
   T* dx;
   int rows;
   bool log;
-  CKPT_HOST_DEVICE void operator()(long j) const {
+  template <class Lanes>
+  CKPT_HOST_DEVICE void operator()(long j, const Lanes& lanes) const {
     const long o = j * rows;
     if (log) {
       T gs(0);
-      for (int i = 0; i < rows; ++i) gs += g[o + i];
-      for (int i = 0; i < rows; ++i) dx[o + i] += g[o + i] - fn::exp_(y[o + i]) * gs;
+      for (int i = lanes.lane(); i < rows; i += lanes.width()) gs += g[o + i];
+      gs = lanes.sum(gs);
+      for (int i = lanes.lane(); i < rows; i += lanes.width()) dx[o + i] += g[o + i] - fn::exp_(y[o + i]) * gs;
     } else {
       T dot(0);
-      for (int i = 0; i < rows; ++i) dot += g[o + i] * y[o + i];
-      for (int i = 0; i < rows; ++i) dx[o + i] += y[o + i] * (g[o + i] - dot);
+      for (int i = lanes.lane(); i < rows; i += lanes.width()) dot += g[o + i] * y[o + i];
+      dot = lanes.sum(dot);
+      for (int i = lanes.lane(); i < rows; i += lanes.width()) dx[o + i] += y[o + i] * (g[o + i] - dot);
     }
   }
 };
@@ -75,7 +84,7 @@ struct softmax_entry {
     using B = typename TapeT::backend_type;
     const T* g = t.adjoint_if(out);
     if (!g) return;
-    B::for_each(x.dims.cols, softmax_reverse<T>{g, t.node(out).value, t.adjoint_of(x), x.dims.rows, log});
+    B::for_each_column(x.dims, softmax_reverse<T>{g, t.node(out).value, t.adjoint_of(x), x.dims.rows, log});
   }
 };
 
@@ -86,7 +95,7 @@ Var<T, B> softmax_impl(const resolved<T, B>& x, bool log) {
   const shape s = x.ref.dims;
   const std::uint32_t begin = static_cast<std::uint32_t>(t.node_count());
   const std::uint32_t out = t.new_output(s, op, op_kind::rowwise, x.ref.requires_grad);
-  if (!t.is_replayed(out)) B::for_each(s.cols, softmax_forward<T>{x.ref.value, t.node(out).value, s.rows, log});
+  if (!t.is_replayed(out)) B::for_each_column(s, softmax_forward<T>{x.ref.value, t.node(out).value, s.rows, log});
   if (x.ref.requires_grad) t.push_entry(softmax_entry<T>{x.ref, out, log}, begin);
   return t.var_of(out);
 }
@@ -102,20 +111,25 @@ struct norm_forward {
   int rows;
   T eps;
   bool centred;
-  CKPT_HOST_DEVICE void operator()(long j) const {
+  template <class Lanes>
+  CKPT_HOST_DEVICE void operator()(long j, const Lanes& lanes) const {
     const long o = j * rows;
     const T inv_r = T(1) / static_cast<T>(rows);
     T mu(0);
     if (centred) {
-      for (int i = 0; i < rows; ++i) mu += in[o + i];
+      for (int i = lanes.lane(); i < rows; i += lanes.width()) mu += in[o + i];
+      mu = lanes.sum(mu);
       mu *= inv_r;
     }
     T var(0);
-    for (int i = 0; i < rows; ++i) var += (in[o + i] - mu) * (in[o + i] - mu);
+    for (int i = lanes.lane(); i < rows; i += lanes.width()) var += (in[o + i] - mu) * (in[o + i] - mu);
+    var = lanes.sum(var);
     const T rstd = T(1) / fn::sqrt_(var * inv_r + eps);
-    st[2 * j] = mu;
-    st[2 * j + 1] = rstd;
-    for (int i = 0; i < rows; ++i) y[o + i] = gain[i] * ((in[o + i] - mu) * rstd) + (bias ? bias[i] : T(0));
+    if (lanes.lane() == 0) {
+      st[2 * j] = mu;
+      st[2 * j + 1] = rstd;
+    }
+    for (int i = lanes.lane(); i < rows; i += lanes.width()) y[o + i] = gain[i] * ((in[o + i] - mu) * rstd) + (bias ? bias[i] : T(0));
   }
 };
 
@@ -129,19 +143,22 @@ struct norm_reverse_input {
   T* dx;
   int rows;
   bool centred;
-  CKPT_HOST_DEVICE void operator()(long j) const {
+  template <class Lanes>
+  CKPT_HOST_DEVICE void operator()(long j, const Lanes& lanes) const {
     const long o = j * rows;
     const T inv_r = T(1) / static_cast<T>(rows);
     const T mu = centred ? st[2 * j] : T(0), rstd = st[2 * j + 1];
     T sum_d(0), sum_dx(0);
-    for (int i = 0; i < rows; ++i) {
+    for (int i = lanes.lane(); i < rows; i += lanes.width()) {
       const T xhat = (x[o + i] - mu) * rstd;
       const T d = g[o + i] * gain[i];
       sum_d += d;
       sum_dx += d * xhat;
     }
+    sum_d = lanes.sum(sum_d);
+    sum_dx = lanes.sum(sum_dx);
     const T mean_d = centred ? sum_d * inv_r : T(0), mean_dx = sum_dx * inv_r;
-    for (int i = 0; i < rows; ++i) {
+    for (int i = lanes.lane(); i < rows; i += lanes.width()) {
       const T xhat = (x[o + i] - mu) * rstd;
       dx[o + i] += rstd * (g[o + i] * gain[i] - mean_d - xhat * mean_dx);
     }
@@ -188,7 +205,7 @@ struct norm_entry {
     const int r = x.dims.rows;
     if (dgain) B::add_row_sums(dgain, x.dims, norm_gain_term<T>{g, x.value, st, r, centred});
     if (dbias) B::add_row_sums(dbias, x.dims, element_term<T>{g, r});
-    if (dx) B::for_each(x.dims.cols, norm_reverse_input<T>{g, x.value, gain.value, st, dx, r, centred});
+    if (dx) B::for_each_column(x.dims, norm_reverse_input<T>{g, x.value, gain.value, st, dx, r, centred});
   }
 };
 
@@ -210,7 +227,7 @@ Var<T, B> norm_impl(const resolved<T, B>& x, const resolved<T, B>& gain, const r
   const std::uint32_t begin = static_cast<std::uint32_t>(t.node_count());
   const std::uint32_t stats = t.new_output({2, s.cols}, centred ? "layer_norm.stats" : "rms_norm.stats", op_kind::rowwise, false, false);
   const std::uint32_t out = t.new_output(s, op, op_kind::rowwise, grad, false);
-  B::for_each(s.cols, norm_forward<T>{x.ref.value, gain.ref.value, bias ? bias->ref.value : nullptr, t.node(out).value,
+  B::for_each_column(s, norm_forward<T>{x.ref.value, gain.ref.value, bias ? bias->ref.value : nullptr, t.node(out).value,
                                       t.node(stats).value, s.rows, eps, centred});
   if (grad) t.push_entry(norm_entry<T>{x.ref, gain.ref, bias ? bias->ref : operand<T>{}, out, stats, centred}, begin);
   return t.var_of(out);

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <new>
 #include <type_traits>
+#include <vector>
 
 #if defined(CKPT_USE_BLAS)
 // The CBLAS entry points, declared here rather than through a header because the header's
@@ -59,6 +60,21 @@ inline bool use_blas() {
 #endif
 }
 }  // namespace detail
+
+/// The lanes that work on one column together in for_each_column: here one, so the column's
+/// loops run in order and a lane reduction returns its argument. (backend::cuda's are a warp.)
+struct one_lane {
+  CKPT_HOST_DEVICE int lane() const { return 0; }
+  CKPT_HOST_DEVICE int width() const { return 1; }
+  template <class T>
+  CKPT_HOST_DEVICE T sum(T x) const {
+    return x;
+  }
+  template <class T>
+  CKPT_HOST_DEVICE T max(T x) const {
+    return x;
+  }
+};
 
 /// Tensors live in host memory; products go to BLAS when CKPT_USE_BLAS is defined. The loops
 /// (for_each, for_each_2d, add_row_sums, sum) run in order on the calling thread: the orders
@@ -115,6 +131,22 @@ struct cpu {
   static void for_each_2d(shape s, const F& f) {
     for (int c = 0; c < s.cols; ++c)
       for (int r = 0; r < s.rows; ++r) f(r, c);
+  }
+  /// f(j, lanes) for each column j of a rows x cols tensor: the column-wise work of row-wise
+  /// ops (softmax, norms, cross-entropy). `lanes` is a group of lanes that all call f(j, ...)
+  /// together: lane l takes rows l, l + width, ..., and lanes.sum(x) / lanes.max(x) combine
+  /// the lanes' partial values (every lane gets the result; every lane must call them alike).
+  /// Here one lane, column by column, so a column's loops run in row order.
+  template <class F>
+  static void for_each_column(shape s, const F& f) {
+    for (long j = 0; j < s.cols; ++j) f(j, one_lane{});
+  }
+  /// Room for n values, valid until the next call (for a pass's per-column partial results).
+  template <class T>
+  static T* scratch(long n) {
+    thread_local std::vector<T> buffer;
+    if (static_cast<long>(buffer.size()) < n) buffer.resize(static_cast<std::size_t>(n));
+    return buffer.data();
   }
   /// out[r] += the sum over c of term(r, c): a row's terms over the batch (a bias's
   /// gradient). Here each row adds its terms in increasing c, column by column.

@@ -13,6 +13,7 @@
 #include "ckpt/core/shape.hpp"
 #include "ckpt/detail/accumulate.hpp"
 #include "ckpt/detail/runs.hpp"
+#include "ckpt/expr/functors.hpp"
 
 #include <algorithm>
 #include <cstddef>
@@ -45,6 +46,41 @@ __global__ void for_each_2d_kernel(int rows, long n, F f) {
     for (long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
       f(static_cast<int>(i % rows), static_cast<int>(i / rows));
   }
+}
+
+/// The 32 lanes of a warp, which take one column together in for_each_column. Their sums and
+/// maxima go through a butterfly of shuffles: at each step lanes l and l ^ offset add the same
+/// two values (in the other order, which IEEE addition does not mind), so every lane ends with
+/// the same bits, and the tree is fixed, so a repeated run gives them again. (Host code never
+/// calls these; the host pass of nvcc compiles them as no-ops.)
+struct warp_lanes {
+  static constexpr int size = 32;
+  int index;
+  CKPT_HOST_DEVICE int lane() const { return index; }
+  CKPT_HOST_DEVICE int width() const { return size; }
+  template <class T>
+  CKPT_HOST_DEVICE T sum(T x) const {
+#if defined(__CUDA_ARCH__)
+    for (int offset = size / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+#endif
+    return x;
+  }
+  template <class T>
+  CKPT_HOST_DEVICE T max(T x) const {
+#if defined(__CUDA_ARCH__)
+    for (int offset = size / 2; offset > 0; offset /= 2) x = ckpt::fn::max_(x, __shfl_xor_sync(0xffffffffu, x, offset));
+#endif
+    return x;
+  }
+};
+
+/// One warp per column, striding over the columns by the grid's warps. A warp's lanes share
+/// j, so they call f (and its shuffles) together.
+template <class F>
+__global__ void for_each_column_kernel(long cols, F f) {
+  const long warps = static_cast<long>(gridDim.x) * (blockDim.x / warp_lanes::size);
+  const warp_lanes lanes{static_cast<int>(threadIdx.x % warp_lanes::size)};
+  for (long j = (static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x) / warp_lanes::size; j < cols; j += warps) f(j, lanes);
 }
 
 /// Adds the block's block_threads values of s in a fixed tree; s[0] holds the sum.
@@ -207,6 +243,15 @@ struct cuda {
     if (n <= 0) return;
     cuda_detail::for_each_2d_kernel<<<cuda_detail::grid_for(n), cuda_detail::block_threads, 0, stream()>>>(s.rows, n, f);
     cuda_detail::check_launch("for_each_2d kernel");
+  }
+  /// A warp per column (see warp_lanes): a column's reads are contiguous across the lanes.
+  template <class F>
+  static void for_each_column(shape s, const F& f) {
+    static_assert(std::is_trivially_copyable_v<F>, "ckpt::backend::cuda: a loop body is copied to the device");
+    if (s.cols <= 0) return;
+    cuda_detail::for_each_column_kernel<<<cuda_detail::grid_for(static_cast<long>(s.cols) * cuda_detail::warp_lanes::size),
+                                          cuda_detail::block_threads, 0, stream()>>>(s.cols, f);
+    cuda_detail::check_launch("for_each_column kernel");
   }
   /// Row sums in fixed runs (detail/runs.hpp): about 64k threads, each summing its run in a
   /// register, then one thread per row adding its runs in order.
