@@ -2,7 +2,8 @@
 // - an MLP step (forward + backward, float, TF32 products) through ckpt under `none`, `sqrt_n`
 //   and `offload`, against a hand-written cuBLAS step with the same products and fused
 //   bias/activation kernels; the hand-written gradients are checked against ckpt's first;
-// - one large fused elementwise expression against a device-to-device copy of the same bytes;
+// - one large fused elementwise expression, and softmax and layer norm (a warp per column),
+//   against a device-to-device copy of the same bytes;
 // - the offload policy's copies alone (device -> pinned host -> device), to say how much of
 //   them the step hides.
 // Names are <variant>/<layers>/<width>/<batch> (or /<elements>); memory is `peak_bytes`.
@@ -218,6 +219,25 @@ void BM_mlp_hand(benchmark::State& state) {
   state.counters["tflops"] = benchmark::Counter(6.0 * layers * double(width) * width * batch * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+/// Each iteration's time on the device: f() is queued between two events.
+template <class F>
+void time_on_device(benchmark::State& state, F f) {
+  cudaEvent_t e0, e1;
+  check(cudaEventCreate(&e0), "event");
+  check(cudaEventCreate(&e1), "event");
+  for (auto _ : state) {
+    check(cudaEventRecord(e0, cuda::stream()), "event");
+    f();
+    check(cudaEventRecord(e1, cuda::stream()), "event");
+    check(cudaEventSynchronize(e1), "event");
+    float ms = 0;
+    check(cudaEventElapsedTime(&ms, e0, e1), "event");
+    state.SetIterationTime(ms * 1e-3);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+}
+
 /// y = a * sigmoid(b) + 0.5 * c: reads three arrays, writes one, in one fused kernel.
 void BM_elementwise(benchmark::State& state) {
   const int rows = 4096, cols = static_cast<int>(state.range(0) / rows);
@@ -225,20 +245,31 @@ void BM_elementwise(benchmark::State& state) {
   const Mat host = random_matrix(rows, cols, 1, 1.0f);
   auto a = t.constant(host), b = t.constant(host), c = t.constant(host);
   const auto mark = t.position();
-  cudaEvent_t e0, e1;
-  check(cudaEventCreate(&e0), "event");
-  check(cudaEventCreate(&e1), "event");
-  for (auto _ : state) {
+  time_on_device(state, [&] {
     t.reset_to(mark);
-    check(cudaEventRecord(e0, cuda::stream()), "event");
     benchmark::DoNotOptimize(eval(a * sigmoid(b) + 0.5f * c));
-    check(cudaEventRecord(e1, cuda::stream()), "event");
-    check(cudaEventSynchronize(e1), "event");
-    float ms = 0;
-    check(cudaEventElapsedTime(&ms, e0, e1), "event");
-    state.SetIterationTime(ms * 1e-3);
-  }
+  });
   state.SetBytesProcessed(state.iterations() * 4 * static_cast<std::int64_t>(sizeof(float)) * rows * cols);
+}
+
+/// A row-wise op's forward (a warp per column) over 4096 x n / 4096: bytes counted as one read
+/// of the input and one write of the output, to compare with the copy.
+enum class rowwise_op { softmax, layer_norm };
+template <rowwise_op Op>
+void BM_rowwise(benchmark::State& state) {
+  const int rows = 4096, cols = static_cast<int>(state.range(0) / rows);
+  Tape<float, cuda> t;
+  auto a = t.constant(random_matrix(rows, cols, 1, 3.0f));
+  auto gain = t.constant(Mat::Ones(rows, 1)), bias = t.constant(Mat::Zero(rows, 1));
+  const auto mark = t.position();
+  time_on_device(state, [&] {
+    t.reset_to(mark);
+    if constexpr (Op == rowwise_op::softmax)
+      benchmark::DoNotOptimize(softmax(a));
+    else
+      benchmark::DoNotOptimize(layer_norm(a, gain, bias));
+  });
+  state.SetBytesProcessed(state.iterations() * 2 * static_cast<std::int64_t>(sizeof(float)) * rows * cols);
 }
 
 /// A device-to-device copy of the same bytes (2 n read, 2 n written).
@@ -247,18 +278,9 @@ void BM_copy(benchmark::State& state) {
   float *src, *dst;
   check(cudaMalloc(&src, sizeof(float) * 2 * n), "cudaMalloc");
   check(cudaMalloc(&dst, sizeof(float) * 2 * n), "cudaMalloc");
-  cudaEvent_t e0, e1;
-  check(cudaEventCreate(&e0), "event");
-  check(cudaEventCreate(&e1), "event");
-  for (auto _ : state) {
-    check(cudaEventRecord(e0, cuda::stream()), "event");
+  time_on_device(state, [&] {
     check(cudaMemcpyAsync(dst, src, sizeof(float) * 2 * n, cudaMemcpyDeviceToDevice, cuda::stream()), "copy");
-    check(cudaEventRecord(e1, cuda::stream()), "event");
-    check(cudaEventSynchronize(e1), "event");
-    float ms = 0;
-    check(cudaEventElapsedTime(&ms, e0, e1), "event");
-    state.SetIterationTime(ms * 1e-3);
-  }
+  });
   state.SetBytesProcessed(state.iterations() * 4 * static_cast<std::int64_t>(sizeof(float)) * n);
   cudaFree(src);
   cudaFree(dst);
@@ -299,6 +321,8 @@ int main(int argc, char** argv) {
   // sqrt_n over 16 layers: segments of 4, three checkpointed, so two boundaries offloaded.
   benchmark::RegisterBenchmark("offload_copies", BM_offload_copies)->Args({2, W, N})->Unit(benchmark::kMillisecond)->UseRealTime();
   benchmark::RegisterBenchmark("elementwise", BM_elementwise)->Arg(1L << 26)->Unit(benchmark::kMillisecond)->UseManualTime();
+  benchmark::RegisterBenchmark("softmax", BM_rowwise<rowwise_op::softmax>)->Arg(1L << 26)->Unit(benchmark::kMillisecond)->UseManualTime();
+  benchmark::RegisterBenchmark("layer_norm", BM_rowwise<rowwise_op::layer_norm>)->Arg(1L << 26)->Unit(benchmark::kMillisecond)->UseManualTime();
   benchmark::RegisterBenchmark("copy", BM_copy)->Arg(1L << 26)->Unit(benchmark::kMillisecond)->UseManualTime();
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();
