@@ -29,6 +29,13 @@ void check(cudaError_t e, const char* what) {
   }
 }
 
+void check(cublasStatus_t e, const char* what) {
+  if (e != CUBLAS_STATUS_SUCCESS) {
+    std::fprintf(stderr, "bench_cuda: %s: %s\n", what, cublasGetStatusString(e));
+    std::exit(1);
+  }
+}
+
 Mat random_matrix(int rows, int cols, std::uint64_t seed, float scale) {
   std::mt19937_64 gen(seed);
   std::uniform_real_distribution<float> d(-scale, scale);
@@ -90,7 +97,7 @@ __global__ void scaled(float* g, const float* y, float s, long n) {
 /// activation kept (what `none` keeps), nothing recomputed.
 struct hand_model {
   int layers, width, batch;
-  float *W, *b, *dW, *db, *act, *g0, *g1, *ones;
+  float *W, *b, *dW, *db, *act, *g0, *g1, *ones, *sum_sq;
   hand_model(const weights& w, const Mat& x) : layers(w.layers), width(w.width), batch(static_cast<int>(x.cols())) {
     const std::size_t ww = static_cast<std::size_t>(width) * width, wb = static_cast<std::size_t>(width) * batch;
     check(cudaMalloc(&W, sizeof(float) * ww * layers), "cudaMalloc");
@@ -101,6 +108,7 @@ struct hand_model {
     check(cudaMalloc(&g0, sizeof(float) * wb), "cudaMalloc");
     check(cudaMalloc(&g1, sizeof(float) * wb), "cudaMalloc");
     check(cudaMalloc(&ones, sizeof(float) * batch), "cudaMalloc");
+    check(cudaMalloc(&sum_sq, sizeof(float)), "cudaMalloc");
     const std::vector<float> host_ones(static_cast<std::size_t>(batch), 1.f);
     check(cudaMemcpy(ones, host_ones.data(), sizeof(float) * batch, cudaMemcpyHostToDevice), "upload");
     check(cudaMemcpy(act, x.data(), sizeof(float) * wb, cudaMemcpyHostToDevice), "upload");  // act[0]: the input
@@ -112,7 +120,7 @@ struct hand_model {
     check(cudaDeviceSynchronize(), "upload");  // plain cudaMemcpy is not ordered with the compute stream
   }
   ~hand_model() {
-    for (float* p : {W, b, dW, db, act, g0, g1, ones}) cudaFree(p);
+    for (float* p : {W, b, dW, db, act, g0, g1, ones, sum_sq}) cudaFree(p);
   }
   /// The layers' outputs and two gradient buffers (the input, like ckpt's, is not counted).
   std::size_t activation_bytes() const { return sizeof(float) * static_cast<std::size_t>(width) * batch * (layers + 2); }
@@ -133,9 +141,10 @@ struct hand_model {
       bias_relu<<<grid, 256, 0, s>>>(out, b + static_cast<long>(width) * l, width, n);
     }
     float* y = act + n * layers;
-    float loss = 0;
-    cublasSdot(h, static_cast<int>(n), y, 1, y, 1, &loss);  // synchronises, as ckpt's loss does
-    loss /= static_cast<float>(n);
+    // The loss stays on the device until the step's end (read once there, as ckpt's is).
+    check(cublasSetPointerMode(h, CUBLAS_POINTER_MODE_DEVICE), "pointer mode");
+    cublasSdot(h, static_cast<int>(n), y, 1, y, 1, sum_sq);
+    check(cublasSetPointerMode(h, CUBLAS_POINTER_MODE_HOST), "pointer mode");
     scaled<<<grid, 256, 0, s>>>(g0, y, 2.f / static_cast<float>(n), n);
     for (int l = layers - 1; l >= 0; --l) {
       float* in = act + n * l;
@@ -146,7 +155,10 @@ struct hand_model {
       if (l > 0) cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, width, batch, width, &one, W + ww * l, width, g0, width, &zero, g1, width);
       std::swap(g0, g1);
     }
-    return loss;
+    float loss = 0;
+    check(cudaMemcpyAsync(&loss, sum_sq, sizeof(float), cudaMemcpyDeviceToHost, s), "download");
+    check(cudaStreamSynchronize(s), "sync");
+    return loss / static_cast<float>(n);
   }
   Mat grad_W(int l) const {
     Mat m(width, width);

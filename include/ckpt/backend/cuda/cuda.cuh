@@ -51,7 +51,8 @@ __global__ void for_each_2d_kernel(int rows, long n, F f) {
 /// The 32 lanes of a warp, which take one column together in for_each_column. Their sums and
 /// maxima go through a butterfly of shuffles: at each step lanes l and l ^ offset add the same
 /// two values (in the other order, which IEEE addition does not mind), so every lane ends with
-/// the same bits, and the tree is fixed, so a repeated run gives them again. (Host code never
+/// the same sum, and the tree is fixed, so a repeated run gives the same bits again. (A max
+/// may differ between lanes in the sign of a zero tie only.) (Host code never
 /// calls these; the host pass of nvcc compiles them as no-ops.)
 struct warp_lanes {
   static constexpr int size = 32;
@@ -82,6 +83,8 @@ __global__ void for_each_column_kernel(long cols, F f) {
   const warp_lanes lanes{static_cast<int>(threadIdx.x % warp_lanes::size)};
   for (long j = (static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x) / warp_lanes::size; j < cols; j += warps) f(j, lanes);
 }
+
+static_assert(block_threads % warp_lanes::size == 0, "ckpt: for_each_column keeps each warp on one column");
 
 /// Adds the block's block_threads values of s in a fixed tree; s[0] holds the sum.
 __device__ inline void block_tree_sum(double* s) {
