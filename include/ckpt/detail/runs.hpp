@@ -2,7 +2,8 @@
 // iterations run concurrently: instead of many iterations adding into one element (a race, or
 // atomics whose order varies), each element's terms are split into runs whose split depends on
 // the shapes alone; run k of element p is summed by one call into scratch[p + k * elements],
-// and one call per element then adds its runs in order. Results repeat bit for bit.
+// and a column pass (for_each_column, element p's runs as its column) then adds them into
+// element p. Results repeat bit for bit.
 #pragma once
 #include "ckpt/config.hpp"
 #include "ckpt/core/shape.hpp"
@@ -19,19 +20,28 @@ inline void split_runs(long elements, long reach, long& runs, long& length) {
   length = (reach + runs - 1) / runs;
 }
 
-/// out[p] += the runs' partial sums for element p, in run order.
+/// out[p] += the runs' partial sums for element p: a column reduction, element p's runs being
+/// the column (run order with one lane; a warp's lanes share them on CUDA, so that a few
+/// elements with thousands of runs, a 1x1 operand's, are not added by one thread each).
 template <class T>
 struct add_runs {
   T* out;
   const T* scratch;
   long elements;
   long runs;
-  CKPT_HOST_DEVICE void operator()(long p) const {
+  template <class Lanes>
+  CKPT_HOST_DEVICE void operator()(long p, const Lanes& lanes) const {
     T s(0);
-    for (long k = 0; k < runs; ++k) s += scratch[p + k * elements];
-    out[p] += s;
+    for (long k = lanes.lane(); k < runs; k += lanes.width()) s += scratch[p + k * elements];
+    s = lanes.sum(s);
+    if (lanes.lane() == 0) out[p] += s;
   }
 };
+/// Adds element p's runs, scratch[p + k * elements], into out[p] for every element.
+template <class B, class T>
+void add_runs_into(T* out, const T* scratch, long elements, long runs) {
+  B::for_each_column(shape{static_cast<int>(runs), static_cast<int>(elements)}, add_runs<T>{out, scratch, elements, runs});
+}
 
 /// Run k of row r: the sum of term(r, c) over its columns, into scratch[r + k * rows].
 template <class T, class Term>
@@ -59,7 +69,7 @@ void add_row_sums_in_runs(T* out, shape s, const Term& term) {
   split_runs(s.rows, s.cols, runs, length);
   T* scratch = B::template scratch<T>(s.rows * runs);
   B::for_each(s.rows * runs, row_run<T, Term>{scratch, term, s.rows, s.cols, length});
-  B::for_each(s.rows, add_runs<T>{out, scratch, s.rows, runs});
+  add_runs_into<B>(out, scratch, s.rows, runs);
 }
 
 }  // namespace ckpt::detail

@@ -169,7 +169,7 @@ void owner_computes(const E& e, const G& g, shape s) {
       if constexpr (decltype(j)::value == K) l.adj = scratch;
     });
     B::for_each(ls.size() * runs, gather_runs<K, E, G>{into_scratch, g, s, ls, runs, length});
-    B::for_each(ls.size(), ckpt::detail::add_runs<T>{leaf.adj, scratch, ls.size(), runs});
+    ckpt::detail::add_runs_into<B>(leaf.adj, scratch, ls.size(), runs);
   });
 }
 

@@ -265,7 +265,7 @@ struct cuda {
     cuda_detail::check_launch("for_each_column kernel");
   }
   /// Row sums in fixed runs (detail/runs.hpp): about 64k threads, each summing its run in a
-  /// register, then one thread per row adding its runs in order.
+  /// register, then a warp per row adding its runs (for_each_column).
   template <class T, class Term>
   static void add_row_sums(T* out, shape s, const Term& term) {
     ckpt::detail::add_row_sums_in_runs<cuda>(out, s, term);
