@@ -176,22 +176,15 @@ struct cuda {
                        "cudaMemcpyAsync(device to host)");
     synchronize();
   }
-  /// Host to device, in stream order; the host buffer may be reused as soon as this returns.
-  /// From pageable memory the runtime stages the bytes before cudaMemcpyAsync returns, so
-  /// nothing waits; from pinned (page-locked or registered) memory the copy reads the buffer
-  /// later, so then the host waits for it.
+  /// Host to device, in stream order; the host buffer may be reused as soon as this returns,
+  /// so the host waits for the copy. (CUDA documents no point at which an asynchronous copy
+  /// from pageable memory is done reading it, and callers free temporaries right after.)
   template <class T>
   static void from_host(T* dst, const T* host, long n) {
     if (n <= 0) return;
     cuda_detail::check(cudaMemcpyAsync(dst, host, static_cast<std::size_t>(n) * sizeof(T), cudaMemcpyHostToDevice, stream()),
                        "cudaMemcpyAsync(host to device)");
-    cudaPointerAttributes a{};
-    if (cudaPointerGetAttributes(&a, host) != cudaSuccess) {
-      (void)cudaGetLastError();  // an unknown pointer: wait, to be safe
-      synchronize();
-    } else if (a.type != cudaMemoryTypeUnregistered) {
-      synchronize();
-    }
+    synchronize();
   }
   static void synchronize() { cuda_detail::check(cudaStreamSynchronize(stream()), "cudaStreamSynchronize"); }
   /// Room for n values of partial sums, valid until the next call (in stream order).
