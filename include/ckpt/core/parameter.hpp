@@ -21,12 +21,18 @@ Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> download(const T* p, shape s) {
   B::to_host(m.data(), p, m.size());
   return m;
 }
-/// Writes a host matrix (cast to T) to p on backend B.
+/// Writes a host matrix (cast to T) to p on backend B. A plain column-major matrix of T is
+/// copied from where it is; anything else (another scalar type, an expression, a block) is
+/// evaluated into a host matrix of T first.
 template <class B, class T, class Derived>
 void upload(T* p, const Eigen::MatrixBase<Derived>& m) {
   using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+  constexpr bool contiguous_T = std::is_base_of_v<Eigen::PlainObjectBase<Derived>, Derived> && std::is_same_v<typename Derived::Scalar, T> &&
+                                (!(Derived::Flags & Eigen::RowMajorBit) || Derived::IsVectorAtCompileTime);
   if constexpr (std::is_same_v<B, backend::cpu>) {
     Eigen::Map<Matrix>(p, m.rows(), m.cols()) = m.template cast<T>();
+  } else if constexpr (contiguous_T) {
+    B::from_host(p, m.derived().data(), m.size());
   } else {
     const Matrix host = m.template cast<T>();
     B::from_host(p, host.data(), host.size());
