@@ -134,9 +134,12 @@ TEST_CASE("a training loop's steady state calls no cudaMalloc") {
   };
   step();
   step();
-  const std::size_t after_two = cuda::counters().device_allocations;
+  const std::size_t after_two = cuda::counters().device_allocations, host_after_two = cuda::counters().host_allocations;
+  const std::size_t staged = cuda::counters().staged_uploads;
   for (int i = 0; i < 5; ++i) step();
   CHECK(cuda::counters().device_allocations == after_two);
+  CHECK(cuda::counters().host_allocations == host_after_two);  // upload staging reuses its pinned buffers
+  CHECK(cuda::counters().staged_uploads == staged + 10);      // x and the labels, each step, without waiting
 }
 
 /// Keeps the stream busy for about `cycles` clock cycles.
@@ -146,15 +149,27 @@ __global__ void spin(long long cycles) {
   }
 }
 
-TEST_CASE("an upload's host buffer may be reused as soon as from_host returns, pageable or pinned") {
+/// Whether the compute stream still has queued work (clearing "not ready" from the last error).
+bool stream_busy() {
+  const cudaError_t r = cudaStreamQuery(cuda::stream());
+  (void)cudaGetLastError();
+  return r == cudaErrorNotReady;
+}
+
+TEST_CASE("an upload's host buffer may be reused as soon as from_host returns, pageable or pinned, and the host does not wait") {
   const long n = 1 << 22;
   float* dev = static_cast<float*>(cuda::allocate(sizeof(float) * n));
   std::vector<float> pageable(static_cast<std::size_t>(n)), back(static_cast<std::size_t>(n));
   float* pinned = static_cast<float*>(cuda::host_allocate(sizeof(float) * n));
+  cuda::from_host(dev, pageable.data(), n);  // the staging buffer exists before the timed part
+  cuda::synchronize();
   for (float* host : {pageable.data(), pinned}) {
     for (long i = 0; i < n; ++i) host[i] = static_cast<float>(i % 1000);
     spin<<<1, 1, 0, cuda::stream()>>>(100'000'000LL);  // about 50 ms queued before the upload
+    const std::size_t staged = cuda::counters().staged_uploads;
     cuda::from_host(dev, host, n);
+    CHECK(stream_busy());  // from_host returned with the spin still running
+    CHECK(cuda::counters().staged_uploads == staged + 1);
     std::fill(host, host + n, -1.f);  // the caller reuses its buffer at once
     cuda::to_host(back.data(), dev, n);
     long wrong = 0;
@@ -163,6 +178,48 @@ TEST_CASE("an upload's host buffer may be reused as soon as from_host returns, p
   }
   cuda::host_deallocate(pinned);
   cuda::deallocate(dev, sizeof(float) * n);
+}
+
+TEST_CASE("upload staging stays within its limit: a run of uploads past it waits for the stream, a larger upload waits for its copy") {
+  auto& c = cuda::context();
+  const std::size_t limit = c.staging_limit();
+  c.set_staging_limit(0);  // frees what earlier tests staged
+  CHECK(c.staged_bytes() == 0);
+  c.set_staging_limit(std::size_t(8) << 20);
+  const long n = 1 << 20;  // 4 MiB of floats: two fit in the limit, a third does not
+  float* dev = static_cast<float*>(cuda::allocate(sizeof(float) * 3 * n));
+  std::vector<float> host(static_cast<std::size_t>(3 * n)), back(static_cast<std::size_t>(3 * n));
+  auto value = [](long i) { return static_cast<float>(i % 1013); };
+  cuda::from_host(dev, host.data(), n);  // two staging buffers exist before the timed part
+  cuda::from_host(dev + n, host.data(), n);
+  cuda::synchronize();
+  CHECK(c.staged_bytes() == std::size_t(8) << 20);
+  const std::size_t pinned = cuda::counters().host_allocations;
+  spin<<<1, 1, 0, cuda::stream()>>>(100'000'000LL);
+  for (long k = 0; k < 3; ++k) {
+    for (long i = 0; i < n; ++i) host[static_cast<std::size_t>(i)] = value(k * n + i);
+    cuda::from_host(dev + k * n, host.data(), n);  // one host buffer, reused for each upload
+    CHECK(c.staged_bytes() <= c.staging_limit());
+    CHECK(stream_busy() == (k < 2));  // the third waited for the stream (the spin) to free a buffer
+  }
+  CHECK(cuda::counters().host_allocations == pinned);  // and reused one
+  cuda::to_host(back.data(), dev, 3 * n);
+  long wrong = 0;
+  for (long i = 0; i < 3 * n; ++i) wrong += back[static_cast<std::size_t>(i)] != value(i);
+  CHECK(wrong == 0);
+
+  for (long i = 0; i < 3 * n; ++i) host[static_cast<std::size_t>(i)] = value(i + 7);
+  spin<<<1, 1, 0, cuda::stream()>>>(100'000'000LL);
+  const std::size_t waited = cuda::counters().waited_uploads;
+  cuda::from_host(dev, host.data(), 3 * n);  // 12 MiB: more than the limit
+  CHECK(cuda::counters().waited_uploads == waited + 1);
+  CHECK_FALSE(stream_busy());
+  cuda::to_host(back.data(), dev, 3 * n);
+  wrong = 0;
+  for (long i = 0; i < 3 * n; ++i) wrong += back[static_cast<std::size_t>(i)] != value(i + 7);
+  CHECK(wrong == 0);
+  c.set_staging_limit(limit);
+  cuda::deallocate(dev, sizeof(float) * 3 * n);
 }
 
 TEST_CASE("CUDA failures are ckpt::cuda_error naming the call; mismatched shapes are named as on the CPU") {

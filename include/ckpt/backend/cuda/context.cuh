@@ -12,8 +12,11 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
+#include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace ckpt {
@@ -47,7 +50,9 @@ inline constexpr int block_threads = 256;
 struct counters {
   std::size_t device_allocations = 0;  ///< cudaMalloc calls (the tape's pool caches buffers)
   std::size_t device_frees = 0;
-  std::size_t host_allocations = 0;    ///< pinned host buffers (offload)
+  std::size_t host_allocations = 0;    ///< pinned host buffers (offload, upload staging)
+  std::size_t staged_uploads = 0;      ///< uploads that went through a staging buffer, not waiting
+  std::size_t waited_uploads = 0;      ///< uploads larger than the staging limit, which waited
 };
 
 class context {
@@ -62,6 +67,10 @@ class context {
   context(const context&) = delete;
   context& operator=(const context&) = delete;
   ~context() {  // at exit the driver may be gone already: errors are ignored here
+    for (staging_buffer& b : staging_) {
+      if (b.copied) cudaEventDestroy(b.copied);
+      cudaFreeHost(b.data);
+    }
     for (cudaEvent_t e : events_) cudaEventDestroy(e);
     cudaFree(scratch_);
     cudaFree(partials_);
@@ -117,7 +126,109 @@ class context {
     }
   }
 
+  /// Host to device in stream order, without waiting for the stream: the values are copied
+  /// into a pinned staging buffer (so the caller may reuse or free `host` at once) and the
+  /// device copy is queued from there; the buffer is reused once the event recorded after its
+  /// copy has passed. Staging buffers hold at most staging_limit() bytes in all: an upload
+  /// larger than that waits for its copy instead (and a run of uploads that would pass the
+  /// limit first waits for the stream, which frees every buffer).
+  void upload(void* dst, const void* host, std::size_t bytes) {
+    if (bytes > staging_limit_) {
+      check(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync(host to device)");
+      check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize(upload)");
+      ++count_.waited_uploads;
+      return;
+    }
+    staging_buffer& b = staging_for(bytes);
+    std::memcpy(b.data, host, bytes);
+    check(cudaMemcpyAsync(dst, b.data, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync(host to device, staged)");
+    cudaEvent_t e = take_event();
+    if (const cudaError_t r = cudaEventRecord(e, stream_); r != cudaSuccess) {
+      give_event(e);
+      check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize(upload)");  // the buffer is free again once this returns
+      check(r, "cudaEventRecord(upload)");
+    }
+    b.copied = e;
+    ++count_.staged_uploads;
+  }
+  std::size_t staging_limit() const { return staging_limit_; }
+  /// Pinned bytes upload staging may hold (256 MiB unless set); buffers beyond it are freed.
+  void set_staging_limit(std::size_t bytes) {
+    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize(staging limit)");
+    all_staging_free();
+    staging_limit_ = bytes;
+    release_staging([&] { return staged_bytes_ > staging_limit_; });
+  }
+  std::size_t staged_bytes() const { return staged_bytes_; }
+
  private:
+  struct staging_buffer {
+    void* data = nullptr;
+    std::size_t bytes = 0;
+    cudaEvent_t copied = nullptr;  ///< recorded after the copy reading it; null when free
+  };
+
+  /// The smallest free staging buffer of at least `bytes` (those whose copies have passed are
+  /// free again), or a new one; when a new one would pass the limit, the host waits for the
+  /// stream first (which frees every buffer) and, if none fits still, frees buffers, smallest
+  /// first, until the new one fits.
+  staging_buffer& staging_for(std::size_t bytes) {
+    if (staging_buffer* b = free_staging(bytes)) return *b;
+    const std::size_t size = (bytes + granule - 1) / granule * granule;
+    if (staged_bytes_ + size > staging_limit_) {
+      check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize(upload staging)");
+      all_staging_free();
+      if (staging_buffer* b = free_staging(bytes)) return *b;
+      release_staging([&] { return staged_bytes_ + size > staging_limit_; });
+    }
+    staging_.reserve(staging_.size() + 1);  // so that push_back cannot throw after the allocation
+    staging_buffer fresh;
+    check(cudaMallocHost(&fresh.data, size), "cudaMallocHost(upload staging)");
+    ++count_.host_allocations;
+    fresh.bytes = size;
+    staged_bytes_ += size;
+    staging_.push_back(fresh);
+    return staging_.back();
+  }
+  /// The smallest free staging buffer of at least `bytes`, or null; buffers whose copies have
+  /// passed become free on the way.
+  staging_buffer* free_staging(std::size_t bytes) {
+    staging_buffer* best = nullptr;
+    for (staging_buffer& b : staging_) {
+      if (b.copied) {
+        const cudaError_t r = cudaEventQuery(b.copied);
+        if (r == cudaErrorNotReady) {
+          (void)cudaGetLastError();  // "not yet" is no error to keep
+          continue;
+        }
+        check(r, "cudaEventQuery(upload)");
+        give_event(std::exchange(b.copied, nullptr));
+      }
+      if (b.bytes >= bytes && (!best || b.bytes < best->bytes)) best = &b;
+    }
+    return best;
+  }
+  /// After a stream synchronisation: every staging buffer's copy has passed.
+  void all_staging_free() noexcept {
+    for (staging_buffer& b : staging_)
+      if (b.copied) give_event(std::exchange(b.copied, nullptr));
+  }
+  /// Frees free staging buffers, smallest first, while too_much() holds.
+  template <class TooMuch>
+  void release_staging(TooMuch too_much) {
+    std::sort(staging_.begin(), staging_.end(), [](const staging_buffer& a, const staging_buffer& b) { return a.bytes < b.bytes; });
+    for (auto it = staging_.begin(); it != staging_.end() && too_much();) {
+      if (it->copied) {
+        ++it;
+        continue;
+      }
+      check(cudaFreeHost(it->data), "cudaFreeHost(upload staging)");
+      staged_bytes_ -= it->bytes;
+      it = staging_.erase(it);
+    }
+  }
+  static constexpr std::size_t granule = std::size_t(64) << 10;
+
   cudaStream_t stream_ = nullptr;
   cudaStream_t copy_stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
@@ -126,6 +237,9 @@ class context {
   std::size_t scratch_bytes_ = 0;
   counters count_;
   std::vector<cudaEvent_t> events_;
+  std::vector<staging_buffer> staging_;
+  std::size_t staged_bytes_ = 0;
+  std::size_t staging_limit_ = std::size_t(256) << 20;
   bool tf32_ = false;
 };
 

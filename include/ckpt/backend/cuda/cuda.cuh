@@ -176,15 +176,14 @@ struct cuda {
                        "cudaMemcpyAsync(device to host)");
     synchronize();
   }
-  /// Host to device, in stream order; the host buffer may be reused as soon as this returns,
-  /// so the host waits for the copy. (CUDA documents no point at which an asynchronous copy
-  /// from pageable memory is done reading it, and callers free temporaries right after.)
+  /// Host to device, in stream order; the host buffer may be reused as soon as this returns.
+  /// The values go through a pinned staging buffer (context::upload), so the host does not
+  /// wait for the stream: CUDA documents no point at which an asynchronous copy straight from
+  /// pageable memory is done reading it, and callers free temporaries right after.
   template <class T>
   static void from_host(T* dst, const T* host, long n) {
     if (n <= 0) return;
-    cuda_detail::check(cudaMemcpyAsync(dst, host, static_cast<std::size_t>(n) * sizeof(T), cudaMemcpyHostToDevice, stream()),
-                       "cudaMemcpyAsync(host to device)");
-    synchronize();
+    context().upload(dst, host, static_cast<std::size_t>(n) * sizeof(T));
   }
   static void synchronize() { cuda_detail::check(cudaStreamSynchronize(stream()), "cudaStreamSynchronize"); }
   /// Room for n values of partial sums, valid until the next call (in stream order).
