@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <string>
 #include <vector>
 
 using namespace ckpt;
@@ -320,8 +321,8 @@ void BM_offload_copies(benchmark::State& state) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (!cuda::available()) {
-    std::puts("bench_cuda: no CUDA device here; nothing measured");
+  if (const std::string why = cuda::unavailable_reason(); !why.empty()) {
+    std::printf("bench_cuda: no CUDA device here (%s); nothing measured\n", why.c_str());
     return 0;
   }
   check_hand_against_ckpt();

@@ -4,8 +4,23 @@ import json
 import sys
 
 
+def load_benchmarks(path):
+    """Google Benchmark writes its JSON a run at a time: a run cut short by the time limit
+    leaves a file without its closing brackets, which is read up to its last complete run."""
+    text = open(path).read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        end = text.rfind("\n    }")
+        if end < 0:
+            raise
+        bench = json.loads(text[: end + len("\n    }")] + "\n  ]\n}")
+        print(f"(bench_cuda was stopped before the end: {len(bench['benchmarks'])} runs read)")
+        return bench
+
+
 def main():
-    bench = json.load(open(sys.argv[1]))
+    bench = load_benchmarks(sys.argv[1])
     torch = json.load(open(sys.argv[2])) if len(sys.argv) > 2 else None
     rows = {b["name"].split("/")[0]: b for b in bench["benchmarks"] if b.get("run_type", "iteration") == "iteration"}
 

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <functional>
 #include <span>
+#include <string>
 #include <vector>
 
 using namespace ckpt;
@@ -131,6 +132,9 @@ TEST_CASE("a training loop's steady state calls no cudaMalloc") {
     auto xv = t.constant(x);
     auto h = checkpoint([&](const Var<float, cuda>& v) { return Var<float, cuda>(relu(l1(v))); }, xv);
     t.backward(cross_entropy(l2(h), labels));
+    // A loop that logs its loss waits here; without it the host may run a step ahead, and an
+    // upload may find the previous step's staging buffer still being copied (and add one).
+    cuda::synchronize();
   };
   step();
   step();
@@ -231,8 +235,8 @@ TEST_CASE("CUDA failures are ckpt::cuda_error naming the call; mismatched shapes
 }
 
 int main(int argc, char** argv) {
-  if (!cuda::available()) {
-    std::puts("test_cuda: no CUDA device here; every CUDA test skipped (not passed)");
+  if (const std::string why = cuda::unavailable_reason(); !why.empty()) {
+    std::printf("test_cuda: no CUDA device here (%s); every CUDA test skipped (not passed)\n", why.c_str());
     return 77;
   }
   doctest::Context context(argc, argv);

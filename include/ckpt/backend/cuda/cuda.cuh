@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <string>
 #include <type_traits>
 
 namespace ckpt::backend {
@@ -141,9 +142,17 @@ struct cuda {
   /// TF32 tensor-core products for float (off by default; see context::set_tf32).
   static void set_tf32(bool on) { context().set_tf32(on); }
   /// Whether this process sees a CUDA device at all (tests skip without one).
-  static bool available() {
+  static bool available() { return unavailable_reason().empty(); }
+  /// Why no device is usable ("no CUDA device", or the runtime's error, e.g. a driver older
+  /// than the runtime), or empty when one is.
+  static std::string unavailable_reason() {
     int n = 0;
-    return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+    const cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      return ckpt::detail::cat("cudaGetDeviceCount: ", cudaGetErrorString(e), " (", cudaGetErrorName(e), ")");
+    }
+    return n > 0 ? std::string() : std::string("no CUDA device");
   }
 
   static void* allocate(std::size_t bytes) {
