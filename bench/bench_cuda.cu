@@ -253,7 +253,7 @@ void time_on_device(benchmark::State& state, F f) {
 
 /// y = a * sigmoid(b) + 0.5 * c: reads three arrays, writes one, in one fused kernel.
 void BM_elementwise(benchmark::State& state) {
-  const int rows = 4096, cols = static_cast<int>(state.range(0) / rows);
+  const int rows = static_cast<int>(state.range(0)), cols = static_cast<int>(state.range(1) / rows);
   Tape<float, cuda> t;
   const Mat host = random_matrix(rows, cols, 1, 1.0f);
   auto a = t.constant(host), b = t.constant(host), c = t.constant(host);
@@ -270,7 +270,7 @@ void BM_elementwise(benchmark::State& state) {
 enum class rowwise_op { softmax, layer_norm };
 template <rowwise_op Op>
 void BM_rowwise(benchmark::State& state) {
-  const int rows = 4096, cols = static_cast<int>(state.range(0) / rows);
+  const int rows = static_cast<int>(state.range(0)), cols = static_cast<int>(state.range(1) / rows);
   Tape<float, cuda> t;
   auto a = t.constant(random_matrix(rows, cols, 1, 3.0f));
   auto gain = t.constant(Mat::Ones(rows, 1)), bias = t.constant(Mat::Zero(rows, 1));
@@ -334,8 +334,12 @@ int main(int argc, char** argv) {
   // sqrt_n over 16 layers: segments of 4, three checkpointed, so two boundaries offloaded.
   benchmark::RegisterBenchmark("offload_copies", BM_offload_copies)->Args({2, W, N})->Unit(benchmark::kMillisecond)->UseRealTime();
   benchmark::RegisterBenchmark("elementwise", BM_elementwise)->Arg(1L << 26)->Unit(benchmark::kMillisecond)->UseManualTime();
-  benchmark::RegisterBenchmark("softmax", BM_rowwise<rowwise_op::softmax>)->Arg(1L << 26)->Unit(benchmark::kMillisecond)->UseManualTime();
-  benchmark::RegisterBenchmark("layer_norm", BM_rowwise<rowwise_op::layer_norm>)->Arg(1L << 26)->Unit(benchmark::kMillisecond)->UseManualTime();
+  // Row-wise ops take a warp per column: 4096 features is the model's case; 16 features leaves
+  // half of each warp idle, and 65536 features in 1024 columns gives the GPU 1024 warps only.
+  benchmark::RegisterBenchmark("softmax", BM_rowwise<rowwise_op::softmax>)->Args({4096, 1L << 26})->Unit(benchmark::kMillisecond)->UseManualTime();
+  benchmark::RegisterBenchmark("layer_norm", BM_rowwise<rowwise_op::layer_norm>)->Args({4096, 1L << 26})->Unit(benchmark::kMillisecond)->UseManualTime();
+  benchmark::RegisterBenchmark("softmax_short", BM_rowwise<rowwise_op::softmax>)->Args({16, 1L << 26})->Unit(benchmark::kMillisecond)->UseManualTime();
+  benchmark::RegisterBenchmark("softmax_long", BM_rowwise<rowwise_op::softmax>)->Args({1L << 16, 1L << 26})->Unit(benchmark::kMillisecond)->UseManualTime();
   benchmark::RegisterBenchmark("copy", BM_copy)->Arg(1L << 26)->Unit(benchmark::kMillisecond)->UseManualTime();
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();

@@ -47,9 +47,10 @@ def main():
     bw = rows.get("elementwise", {}).get("bytes_per_second", float("nan"))
     cp = rows.get("copy", {}).get("bytes_per_second", float("nan"))
     print(f"| fused elementwise bandwidth / device copy ({bw / 1e12:.2f} / {cp / 1e12:.2f} TB/s) | {bw / cp:.2f} | >= 0.70 |")
-    for name in ("softmax", "layer_norm"):
+    for name, what in (("softmax", "4096 features"), ("layer_norm", "4096 features"), ("softmax_short", "16 features"),
+                       ("softmax_long", "65536 features, 1024 columns")):
         b = rows.get(name, {}).get("bytes_per_second", float("nan"))
-        print(f"| {name} forward bandwidth / device copy ({b / 1e12:.2f} TB/s, one read + one write) | {b / cp:.2f} | |")
+        print(f"| {name} forward bandwidth / device copy ({what}; {b / 1e12:.2f} TB/s, one read + one write) | {b / cp:.2f} | |")
     copies = ms("offload_copies")
     hidden = 1 - max(0.0, ms("offload") - ms("sqrt_n")) / copies if copies == copies and copies > 0 else float("nan")
     print(f"| offload copies hidden ({copies:.2f} ms of copies, offload - sqrt_n = {ms('offload') - ms('sqrt_n'):.2f} ms) | {hidden:.2f} | >= 0.90 |")
