@@ -186,10 +186,10 @@ TEST_CASE("an upload's host buffer may be reused as soon as from_host returns, p
 
 TEST_CASE("upload staging stays within its limit: a run of uploads past it waits for the stream, a larger upload waits for its copy") {
   auto& c = cuda::context();
-  const std::size_t limit = c.staging_limit();
-  c.set_staging_limit(0);  // frees what earlier tests staged
-  CHECK(c.staged_bytes() == 0);
-  c.set_staging_limit(std::size_t(8) << 20);
+  const std::size_t limit = c.staging().limit();
+  c.staging().set_limit(0);  // frees what earlier tests staged
+  CHECK(c.staging().held_bytes() == 0);
+  c.staging().set_limit(std::size_t(8) << 20);
   const long n = 1 << 20;  // 4 MiB of floats: two fit in the limit, a third does not
   float* dev = static_cast<float*>(cuda::allocate(sizeof(float) * 3 * n));
   std::vector<float> host(static_cast<std::size_t>(3 * n)), back(static_cast<std::size_t>(3 * n));
@@ -197,13 +197,13 @@ TEST_CASE("upload staging stays within its limit: a run of uploads past it waits
   cuda::from_host(dev, host.data(), n);  // two staging buffers exist before the timed part
   cuda::from_host(dev + n, host.data(), n);
   cuda::synchronize();
-  CHECK(c.staged_bytes() == std::size_t(8) << 20);
+  CHECK(c.staging().held_bytes() == std::size_t(8) << 20);
   const std::size_t pinned = cuda::counters().host_allocations;
   spin<<<1, 1, 0, cuda::stream()>>>(100'000'000LL);
   for (long k = 0; k < 3; ++k) {
     for (long i = 0; i < n; ++i) host[static_cast<std::size_t>(i)] = value(k * n + i);
     cuda::from_host(dev + k * n, host.data(), n);  // one host buffer, reused for each upload
-    CHECK(c.staged_bytes() <= c.staging_limit());
+    CHECK(c.staging().held_bytes() <= c.staging().limit());
     CHECK(stream_busy() == (k < 2));  // the third waited for the stream (the spin) to free a buffer
   }
   CHECK(cuda::counters().host_allocations == pinned);  // and reused one
@@ -222,7 +222,7 @@ TEST_CASE("upload staging stays within its limit: a run of uploads past it waits
   wrong = 0;
   for (long i = 0; i < 3 * n; ++i) wrong += back[static_cast<std::size_t>(i)] != value(i + 7);
   CHECK(wrong == 0);
-  c.set_staging_limit(limit);
+  c.staging().set_limit(limit);
   cuda::deallocate(dev, sizeof(float) * 3 * n);
 }
 

@@ -4,6 +4,7 @@
 #pragma once
 #include "ckpt/config.hpp"
 #include "ckpt/core/error.hpp"
+#include "ckpt/detail/staging.hpp"
 
 #if !defined(__CUDACC__)
 #error "ckpt/backend/cuda/ is compiled by nvcc only: include <ckpt/cuda.hpp> from a .cu file"
@@ -12,11 +13,8 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstddef>
-#include <cstring>
 #include <string>
-#include <utility>
 #include <vector>
 
 namespace ckpt {
@@ -55,6 +53,21 @@ struct counters {
   std::size_t waited_uploads = 0;      ///< uploads larger than the staging limit, which waited
 };
 
+class context;
+
+/// Upload staging's device side (see detail/staging.hpp): pinned buffers, and copies on the
+/// compute stream with an event after each.
+struct staging_device {
+  context* c;
+  void* allocate_staging(std::size_t bytes);
+  void free_staging(void* p) noexcept { cudaFreeHost(p); }
+  cudaEvent_t copy_from_staging(void* dst, const void* staged, std::size_t bytes);
+  bool passed(cudaEvent_t e);
+  void release(cudaEvent_t e) noexcept;
+  void wait_all();
+  void copy_and_wait(void* dst, const void* host, std::size_t bytes);
+};
+
 class context {
  public:
   context() {
@@ -67,10 +80,7 @@ class context {
   context(const context&) = delete;
   context& operator=(const context&) = delete;
   ~context() {  // at exit the driver may be gone already: errors are ignored here
-    for (staging_buffer& b : staging_) {
-      if (b.copied) cudaEventDestroy(b.copied);
-      cudaFreeHost(b.data);
-    }
+    staging_.clear();  // its events go back to the cache, destroyed next
     for (cudaEvent_t e : events_) cudaEventDestroy(e);
     cudaFree(scratch_);
     cudaFree(partials_);
@@ -126,109 +136,13 @@ class context {
     }
   }
 
-  /// Host to device in stream order, without waiting for the stream: the values are copied
-  /// into a pinned staging buffer (so the caller may reuse or free `host` at once) and the
-  /// device copy is queued from there; the buffer is reused once the event recorded after its
-  /// copy has passed. Staging buffers hold at most staging_limit() bytes in all: an upload
-  /// larger than that waits for its copy instead (and a run of uploads that would pass the
-  /// limit first waits for the stream, which frees every buffer).
-  void upload(void* dst, const void* host, std::size_t bytes) {
-    if (bytes > staging_limit_) {
-      check(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync(host to device)");
-      check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize(upload)");
-      ++count_.waited_uploads;
-      return;
-    }
-    staging_buffer& b = staging_for(bytes);
-    std::memcpy(b.data, host, bytes);
-    check(cudaMemcpyAsync(dst, b.data, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync(host to device, staged)");
-    cudaEvent_t e = take_event();
-    if (const cudaError_t r = cudaEventRecord(e, stream_); r != cudaSuccess) {
-      give_event(e);
-      check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize(upload)");  // the buffer is free again once this returns
-      check(r, "cudaEventRecord(upload)");
-    }
-    b.copied = e;
-    ++count_.staged_uploads;
-  }
-  std::size_t staging_limit() const { return staging_limit_; }
-  /// Pinned bytes upload staging may hold (256 MiB unless set); buffers beyond it are freed.
-  void set_staging_limit(std::size_t bytes) {
-    check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize(staging limit)");
-    all_staging_free();
-    staging_limit_ = bytes;
-    release_staging([&] { return staged_bytes_ > staging_limit_; });
-  }
-  std::size_t staged_bytes() const { return staged_bytes_; }
+  /// Host to device in stream order, without waiting for the stream: through a pinned staging
+  /// buffer (detail/staging.hpp), so the caller may reuse `host` at once. Staging holds at most
+  /// staging().limit() bytes (256 MiB unless set): a larger upload waits for its copy.
+  void upload(void* dst, const void* host, std::size_t bytes) { staging_.upload(dst, host, bytes); }
+  ckpt::detail::upload_staging<staging_device>& staging() { return staging_; }
 
  private:
-  struct staging_buffer {
-    void* data = nullptr;
-    std::size_t bytes = 0;
-    cudaEvent_t copied = nullptr;  ///< recorded after the copy reading it; null when free
-  };
-
-  /// The smallest free staging buffer of at least `bytes` (those whose copies have passed are
-  /// free again), or a new one; when a new one would pass the limit, the host waits for the
-  /// stream first (which frees every buffer) and, if none fits still, frees buffers, smallest
-  /// first, until the new one fits.
-  staging_buffer& staging_for(std::size_t bytes) {
-    if (staging_buffer* b = free_staging(bytes)) return *b;
-    const std::size_t size = (bytes + granule - 1) / granule * granule;
-    if (staged_bytes_ + size > staging_limit_) {
-      check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize(upload staging)");
-      all_staging_free();
-      if (staging_buffer* b = free_staging(bytes)) return *b;
-      release_staging([&] { return staged_bytes_ + size > staging_limit_; });
-    }
-    staging_.reserve(staging_.size() + 1);  // so that push_back cannot throw after the allocation
-    staging_buffer fresh;
-    check(cudaMallocHost(&fresh.data, size), "cudaMallocHost(upload staging)");
-    ++count_.host_allocations;
-    fresh.bytes = size;
-    staged_bytes_ += size;
-    staging_.push_back(fresh);
-    return staging_.back();
-  }
-  /// The smallest free staging buffer of at least `bytes`, or null; buffers whose copies have
-  /// passed become free on the way.
-  staging_buffer* free_staging(std::size_t bytes) {
-    staging_buffer* best = nullptr;
-    for (staging_buffer& b : staging_) {
-      if (b.copied) {
-        const cudaError_t r = cudaEventQuery(b.copied);
-        if (r == cudaErrorNotReady) {
-          (void)cudaGetLastError();  // "not yet" is no error to keep
-          continue;
-        }
-        check(r, "cudaEventQuery(upload)");
-        give_event(std::exchange(b.copied, nullptr));
-      }
-      if (b.bytes >= bytes && (!best || b.bytes < best->bytes)) best = &b;
-    }
-    return best;
-  }
-  /// After a stream synchronisation: every staging buffer's copy has passed.
-  void all_staging_free() noexcept {
-    for (staging_buffer& b : staging_)
-      if (b.copied) give_event(std::exchange(b.copied, nullptr));
-  }
-  /// Frees free staging buffers, smallest first, while too_much() holds.
-  template <class TooMuch>
-  void release_staging(TooMuch too_much) {
-    std::sort(staging_.begin(), staging_.end(), [](const staging_buffer& a, const staging_buffer& b) { return a.bytes < b.bytes; });
-    for (auto it = staging_.begin(); it != staging_.end() && too_much();) {
-      if (it->copied) {
-        ++it;
-        continue;
-      }
-      check(cudaFreeHost(it->data), "cudaFreeHost(upload staging)");
-      staged_bytes_ -= it->bytes;
-      it = staging_.erase(it);
-    }
-  }
-  static constexpr std::size_t granule = std::size_t(64) << 10;
-
   cudaStream_t stream_ = nullptr;
   cudaStream_t copy_stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
@@ -237,11 +151,43 @@ class context {
   std::size_t scratch_bytes_ = 0;
   counters count_;
   std::vector<cudaEvent_t> events_;
-  std::vector<staging_buffer> staging_;
-  std::size_t staged_bytes_ = 0;
-  std::size_t staging_limit_ = std::size_t(256) << 20;
   bool tf32_ = false;
+  ckpt::detail::upload_staging<staging_device> staging_{staging_device{this}, std::size_t(256) << 20};
 };
+
+inline void* staging_device::allocate_staging(std::size_t bytes) {
+  void* p = nullptr;
+  check(cudaMallocHost(&p, bytes), "cudaMallocHost(upload staging)");
+  ++c->count().host_allocations;
+  return p;
+}
+inline cudaEvent_t staging_device::copy_from_staging(void* dst, const void* staged, std::size_t bytes) {
+  check(cudaMemcpyAsync(dst, staged, bytes, cudaMemcpyHostToDevice, c->stream()), "cudaMemcpyAsync(host to device, staged)");
+  cudaEvent_t e = c->take_event();
+  if (const cudaError_t r = cudaEventRecord(e, c->stream()); r != cudaSuccess) {
+    c->give_event(e);
+    check(cudaStreamSynchronize(c->stream()), "cudaStreamSynchronize(upload)");  // the buffer is free again
+    check(r, "cudaEventRecord(upload)");
+  }
+  ++c->count().staged_uploads;
+  return e;
+}
+inline bool staging_device::passed(cudaEvent_t e) {
+  const cudaError_t r = cudaEventQuery(e);
+  if (r == cudaErrorNotReady) {
+    (void)cudaGetLastError();  // "not yet" is no error to keep
+    return false;
+  }
+  check(r, "cudaEventQuery(upload)");
+  return true;
+}
+inline void staging_device::release(cudaEvent_t e) noexcept { c->give_event(e); }
+inline void staging_device::wait_all() { check(cudaStreamSynchronize(c->stream()), "cudaStreamSynchronize(upload staging)"); }
+inline void staging_device::copy_and_wait(void* dst, const void* host, std::size_t bytes) {
+  check(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, c->stream()), "cudaMemcpyAsync(host to device)");
+  check(cudaStreamSynchronize(c->stream()), "cudaStreamSynchronize(upload)");
+  ++c->count().waited_uploads;
+}
 
 /// The process's context on the current device, made on first use.
 inline context& ctx() {
