@@ -14,6 +14,7 @@
 #include <functional>
 #include <span>
 #include <string>
+#include <thread>
 #include <vector>
 
 using namespace ckpt;
@@ -224,6 +225,38 @@ TEST_CASE("upload staging stays within its limit: a run of uploads past it waits
   CHECK(wrong == 0);
   c.staging().set_limit(limit);
   cuda::deallocate(dev, sizeof(float) * 3 * n);
+}
+
+TEST_CASE("another host thread gets cuda_thread_error until it adopts the backend; a tape's work then goes on there") {
+  bool threw = false;
+  std::string what;
+  std::thread intruder([&] {
+    try {
+      Tape<float, cuda> t;
+      (void)t.variable(Eigen::MatrixXf::Ones(3, 4));
+    } catch (const cuda_thread_error& e) {
+      threw = true;
+      what = e.what();
+    }
+  });
+  intruder.join();
+  CHECK(threw);
+  CHECK(what.find("adopt_this_thread") != std::string::npos);
+
+  // Handed over: a tape built here is used by a worker that adopts the backend, then back.
+  Tape<float, cuda> t;
+  auto x = t.variable(Eigen::MatrixXf::Constant(3, 4, 2.f));
+  Eigen::MatrixXf grad;
+  std::thread worker([&] {
+    cuda::adopt_this_thread();
+    t.backward(sum(square(x)));
+    grad = t.grad(x);
+  });
+  worker.join();
+  CHECK_THROWS_AS((void)t.grad(x), cuda_thread_error);  // the worker holds it now
+  cuda::adopt_this_thread();
+  CHECK(grad.isApprox(Eigen::MatrixXf::Constant(3, 4, 4.f)));
+  CHECK(t.grad(x).isApprox(grad));
 }
 
 TEST_CASE("CUDA failures are ckpt::cuda_error naming the call; mismatched shapes are named as on the CPU") {

@@ -13,14 +13,21 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstddef>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace ckpt {
 
 /// A CUDA runtime or cuBLAS call that failed: the call and the error string.
 class cuda_error : public error {
+  using error::error;
+};
+
+/// The CUDA backend called from a host thread that does not hold it (see context::adopt_this_thread).
+class cuda_thread_error : public error {
   using error::error;
 };
 
@@ -71,6 +78,7 @@ struct staging_device {
 class context {
  public:
   context() {
+    check(cudaGetDevice(&device_), "cudaGetDevice");
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags(compute)");
     check(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags(copy)");
     check(cublasCreate(&blas_), "cublasCreate");
@@ -87,6 +95,17 @@ class context {
     cublasDestroy(blas_);
     cudaStreamDestroy(copy_stream_);
     cudaStreamDestroy(stream_);
+  }
+
+  /// The context serves one host thread at a time: its compute stream orders every kernel, and
+  /// the reductions' scratch and partial sums are reused call after call, so two threads queueing
+  /// at once would interleave their uses of them. The thread that made it holds it; another one
+  /// takes it over with adopt_this_thread() once the first is done with it (work both queued
+  /// stays ordered: it is one stream), and until then gets cuda_thread_error.
+  bool held_here() const noexcept { return owner_.load(std::memory_order_relaxed) == std::this_thread::get_id(); }
+  void adopt_this_thread() {
+    check(cudaSetDevice(device_), "cudaSetDevice(the context's device)");
+    owner_.store(std::this_thread::get_id(), std::memory_order_relaxed);
   }
 
   cudaStream_t stream() const { return stream_; }
@@ -152,6 +171,8 @@ class context {
   counters count_;
   std::vector<cudaEvent_t> events_;
   bool tf32_ = false;
+  int device_ = 0;
+  std::atomic<std::thread::id> owner_{std::this_thread::get_id()};
   ckpt::detail::upload_staging<staging_device> staging_{staging_device{this}, std::size_t(256) << 20};
 };
 
@@ -189,9 +210,20 @@ inline void staging_device::copy_and_wait(void* dst, const void* host, std::size
   ++c->count().waited_uploads;
 }
 
-/// The process's context on the current device, made on first use.
-inline context& ctx() {
+/// The process's context on the current device, made on first use, from any thread: for what
+/// must not throw (giving memory and events back).
+inline context& any_thread_ctx() {
   static context c;
+  return c;
+}
+/// The context, from the thread that holds it.
+inline context& ctx() {
+  context& c = any_thread_ctx();
+  if (!c.held_here()) [[unlikely]]
+    throw cuda_thread_error(
+        "backend::cuda: called from a host thread that does not hold the CUDA context (the thread that first used it, or "
+        "the last to call backend::cuda::adopt_this_thread()); one thread at a time drives its stream and scratch: call "
+        "adopt_this_thread() in this thread once the other is done with the backend");
   return c;
 }
 

@@ -136,7 +136,11 @@ struct cuda {
   /// Loop iterations run concurrently: no two may add into the same element.
   static constexpr bool concurrent = true;
 
+  /// The process's context (stream, cuBLAS handle, scratch, staging), from the host thread that
+  /// holds it; another thread gets cuda_thread_error until it calls adopt_this_thread().
   static cuda_detail::context& context() { return cuda_detail::ctx(); }
+  /// This host thread takes the backend over (the one that drove it must be done with it).
+  static void adopt_this_thread() { cuda_detail::any_thread_ctx().adopt_this_thread(); }
   static cudaStream_t stream() { return context().stream(); }
   static const cuda_detail::counters& counters() { return context().count(); }
   /// TF32 tensor-core products for float (off by default; see context::set_tf32).
@@ -156,14 +160,15 @@ struct cuda {
   }
 
   static void* allocate(std::size_t bytes) {
+    auto& c = context();  // first: from a thread that does not hold it, nothing is allocated
     void* p = nullptr;
     cuda_detail::check(cudaMalloc(&p, bytes), "cudaMalloc");
-    ++context().count().device_allocations;
+    ++c.count().device_allocations;
     return p;
   }
   static void deallocate(void* p, std::size_t) noexcept {
     cudaFree(p);  // cannot throw here; a failure shows at the next checked call
-    ++context().count().device_frees;
+    ++cuda_detail::any_thread_ctx().count().device_frees;
   }
   template <class T>
   static void fill_zero(T* p, long n) {
@@ -207,9 +212,10 @@ struct cuda {
 
   static constexpr bool offloads = true;
   static void* host_allocate(std::size_t bytes) {
+    auto& c = context();
     void* p = nullptr;
     cuda_detail::check(cudaMallocHost(&p, bytes), "cudaMallocHost");
-    ++context().count().host_allocations;
+    ++c.count().host_allocations;
     return p;
   }
   static void host_deallocate(void* p) noexcept { cudaFreeHost(p); }
@@ -237,7 +243,7 @@ struct cuda {
     cudaEventSynchronize(static_cast<cudaEvent_t>(e));
     release_event(e);
   }
-  static void release_event(void* e) noexcept { context().give_event(static_cast<cudaEvent_t>(e)); }
+  static void release_event(void* e) noexcept { cuda_detail::any_thread_ctx().give_event(static_cast<cudaEvent_t>(e)); }
 
   // ---------------------------------------------------------------- loops (see backend/cpu/cpu.hpp)
 
