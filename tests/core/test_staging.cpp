@@ -9,6 +9,8 @@
 #include <cstring>
 #include <new>
 #include <numeric>
+#include <stdexcept>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -23,6 +25,7 @@ struct fake_device_state {
   int completed = 0;         ///< copies 0 .. completed - 1 are done
   int released = 0;
   std::size_t allocations = 0, frees = 0, staged = 0, waited = 0, waits_for_all = 0;
+  bool fail_next_copy = false;  ///< the next copy_from_staging throws, having queued nothing
 
   /// Completes the queued copies up to (not including) copy `until`, in order.
   void complete(int until) {
@@ -46,6 +49,7 @@ struct fake_device {
     ::operator delete(p);
   }
   int copy_from_staging(void* dst, const void* staged, std::size_t bytes) {
+    if (std::exchange(s->fail_next_copy, false)) throw std::runtime_error("copy refused");
     s->queued.push_back({dst, staged, bytes});
     ++s->staged;
     return static_cast<int>(s->queued.size()) - 1;
@@ -165,6 +169,46 @@ TEST_CASE("past the limit with buffers too small, the smallest free ones are fre
   CHECK(st.held_bytes() == 3 * granule);
   d.complete_all();
   CHECK(std::vector<char>(dst.begin(), dst.begin() + 2 * static_cast<long>(granule)) == std::vector<char>(2 * granule, 'y'));
+}
+
+TEST_CASE("past the limit, the smallest buffers go first: the larger one that may still serve stays") {
+  fake_device_state d;
+  staging st(fake_device{&d}, 5 * granule);
+  std::vector<char> host(3 * granule, 'w'), dst(3 * granule);
+  st.upload(dst.data(), host.data(), granule);  // a one-granule buffer
+  d.complete_all();
+  st.upload(dst.data(), host.data(), 2 * granule);  // too big for it: a two-granule one
+  CHECK(st.held_bytes() == 3 * granule);
+  st.upload(dst.data(), host.data(), 3 * granule);  // 3 + 3 > 5: the one-granule buffer goes, 2 + 3 fits
+  CHECK(d.frees == 1);
+  CHECK(st.held_bytes() == 5 * granule);
+  CHECK(st.buffers() == 2);
+}
+
+TEST_CASE("the limit counts whole buffers: an upload whose rounded-up buffer would pass it waits instead") {
+  fake_device_state d;
+  staging st(fake_device{&d}, granule + 100);
+  std::vector<char> host(granule + 50, 'v'), dst(granule + 50);
+  st.upload(dst.data(), host.data(), granule + 50);  // would take two granules
+  CHECK(d.waited == 1);
+  CHECK(d.allocations == 0);
+  CHECK(dst == host);
+  st.upload(dst.data(), host.data(), granule);  // one granule fits
+  CHECK(d.staged == 1);
+  CHECK(st.held_bytes() <= st.limit());
+}
+
+TEST_CASE("a copy the device refuses leaves its buffer free and the staging usable") {
+  fake_device_state d;
+  staging st(fake_device{&d}, 16 * granule);
+  std::vector<int> host = iota_from(40, 100), dst(100, -1);
+  d.fail_next_copy = true;
+  CHECK_THROWS_AS(st.upload(dst.data(), host.data(), sizeof(int) * host.size()), std::runtime_error);
+  CHECK(st.buffers() == 1);
+  st.upload(dst.data(), host.data(), sizeof(int) * host.size());  // the same buffer, free
+  CHECK(d.allocations == 1);
+  d.complete_all();
+  CHECK(dst == iota_from(40, 100));
 }
 
 TEST_CASE("an upload larger than the limit waits for its copy and stages nothing") {

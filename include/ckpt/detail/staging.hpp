@@ -24,13 +24,15 @@ namespace ckpt::detail {
 ///   void* allocate_staging(std::size_t)            pinned host memory
 ///   void free_staging(void*) noexcept
 ///   Event copy_from_staging(void* dst, const void* staged, std::size_t)
-///                                                  queues the device copy; an event recorded after it
+///                                                  queues the device copy and returns an event
+///                                                  recorded after it; if it throws, it queued nothing
 ///   bool passed(Event)                             whether that copy is done (never blocks)
 ///   void release(Event) noexcept                   gives the event back
 ///   void wait_all()                                the host waits for every queued copy
 ///   void copy_and_wait(void* dst, const void* host, std::size_t)
 ///                                                  an upload that waits for its copy (no staging)
-/// Buffers hold at most limit() bytes in all: an upload larger than that waits for its copy, and
+/// Buffers hold at most limit() bytes in all: an upload whose buffer (its size rounded up to the
+/// granule) would be larger than that waits for its copy instead, and
 /// one that would pass the limit with a new buffer first waits for every queued copy (which frees
 /// every buffer) and then, if none fits, frees buffers, smallest first, until the new one fits.
 template <class Device>
@@ -48,13 +50,15 @@ class upload_staging {
   /// Host to device in the device's order; `host` may be reused as soon as this returns.
   void upload(void* dst, const void* host, std::size_t bytes) {
     if (bytes == 0) return;
-    if (bytes > limit_) {
+    const std::size_t size = (bytes + granule - 1) / granule * granule;
+    if (size > limit_) {
       device_.copy_and_wait(dst, host, bytes);
       return;
     }
-    buffer& b = buffer_for(bytes);
+    buffer& b = buffer_for(bytes, size);
     std::memcpy(b.data, host, bytes);
-    b.copied = device_.copy_from_staging(dst, b.data, bytes);  // if this throws, b stays free
+    // A device that throws here has queued no copy (so b stays free).
+    b.copied = device_.copy_from_staging(dst, b.data, bytes);
     b.in_flight = true;
   }
 
@@ -88,9 +92,9 @@ class upload_staging {
     bool in_flight = false;  ///< a copy reads it; it is free once `copied` has passed
   };
 
-  buffer& buffer_for(std::size_t bytes) {
+  /// A free buffer of at least `bytes`, or a new one of `size` (bytes rounded up to the granule).
+  buffer& buffer_for(std::size_t bytes, std::size_t size) {
     if (buffer* b = smallest_free(bytes)) return *b;
-    const std::size_t size = (bytes + granule - 1) / granule * granule;
     if (held_ + size > limit_) {
       device_.wait_all();
       all_passed();

@@ -88,7 +88,8 @@ class context {
   context(const context&) = delete;
   context& operator=(const context&) = delete;
   ~context() {  // at exit the driver may be gone already: errors are ignored here
-    staging_.clear();  // its events go back to the cache, destroyed next
+    cudaStreamSynchronize(stream_);  // staged copies may still read the buffers freed next
+    staging_.clear();                 // its events go back to the cache, destroyed next
     for (cudaEvent_t e : events_) cudaEventDestroy(e);
     cudaFree(scratch_);
     cudaFree(partials_);
@@ -183,8 +184,11 @@ inline void* staging_device::allocate_staging(std::size_t bytes) {
   return p;
 }
 inline cudaEvent_t staging_device::copy_from_staging(void* dst, const void* staged, std::size_t bytes) {
-  check(cudaMemcpyAsync(dst, staged, bytes, cudaMemcpyHostToDevice, c->stream()), "cudaMemcpyAsync(host to device, staged)");
-  cudaEvent_t e = c->take_event();
+  cudaEvent_t e = c->take_event();  // before the copy: once it is queued, nothing may throw before the event
+  if (const cudaError_t r = cudaMemcpyAsync(dst, staged, bytes, cudaMemcpyHostToDevice, c->stream()); r != cudaSuccess) {
+    c->give_event(e);
+    check(r, "cudaMemcpyAsync(host to device, staged)");
+  }
   if (const cudaError_t r = cudaEventRecord(e, c->stream()); r != cudaSuccess) {
     c->give_event(e);
     check(cudaStreamSynchronize(c->stream()), "cudaStreamSynchronize(upload)");  // the buffer is free again
