@@ -27,16 +27,10 @@ using ckpt::test::random_matrix;
 using ckpt::test::run_on;
 using ckpt::test::same_bits;
 
-// Shapes are odd and larger than a block, so that kernels cross block and warp boundaries.
-constexpr int R = 37, C = 301;
+constexpr int R = ckpt::test::cuda_rows, C = ckpt::test::cuda_cols;
 
-TEST_CASE_TEMPLATE("elementwise expressions: one fused kernel each way, broadcasting operands included", T, float, double) {
-  ckpt::test::check_elementwise_ops<T, cpu, cuda>(R, C);
-}
-
-TEST_CASE_TEMPLATE("products, reductions, row-wise ops, losses and layout", T, float, double) {
-  ckpt::test::check_other_ops<T, cpu, cuda>(R, C);
-}
+// Every op against the CPU backend: tests/cuda/test_cuda_float.cu and test_cuda_double.cu,
+// translation units of their own so that a many-core machine compiles them side by side.
 
 TEST_CASE("dropout draws the CPU's masks on CUDA (same seed, step and op)") {
   const Mat a = positive(R, C, 1);

@@ -1,6 +1,6 @@
 // Backend-generic op checks: every op's value and the gradients of all its inputs on backend B
 // against the same program on a reference backend (the CPU), on the same inputs. The CUDA suite
-// (tests/cuda/test_cuda.cu) runs them against backend::cuda; the ops suite runs them against a
+// (tests/cuda/test_cuda_float.cu, test_cuda_double.cu) runs them against backend::cuda; the ops suite runs them against a
 // CPU backend whose loops run out of order, as a concurrent backend's may
 // (tests/ops/test_concurrent.cpp), so that the concurrent code paths run in CI too.
 #pragma once
@@ -12,6 +12,10 @@
 #include <vector>
 
 namespace ckpt::test {
+
+/// The CUDA suite's shapes: odd and larger than a block, so that kernels cross block and warp
+/// boundaries.
+inline constexpr int cuda_rows = 37, cuda_cols = 301;
 
 template <class T>
 constexpr double backend_tolerance = std::is_same_v<T, float> ? 1e-5 : 1e-12;
