@@ -13,6 +13,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <random>
 #include <string>
 #include <vector>
@@ -174,6 +175,11 @@ struct hand_model {
 };
 
 /// Before anything is timed: the hand-written gradients are ckpt's (small model, no TF32).
+/// Whether the hand-written step's gradients matched ckpt's (checked once, before timing): a
+/// mismatch is reported in the table rather than ending the run, whose figures the one GPU call
+/// cannot afford to lose.
+bool hand_matches_ckpt = false;
+
 void check_hand_against_ckpt() {
   cuda::set_tf32(false);
   const weights w(4, 96);
@@ -189,10 +195,8 @@ void check_hand_against_ckpt() {
     auto& layer = m.net[static_cast<std::size_t>(l)];
     ok = close(layer.weight().grad_to_host(), hm.grad_W(l)) && close(layer.bias().grad_to_host(), hm.grad_b(l));
   }
-  if (!ok) {
-    std::fprintf(stderr, "bench_cuda: the hand-written step's gradients differ from ckpt's; nothing timed\n");
-    std::exit(1);
-  }
+  hand_matches_ckpt = ok;
+  if (!ok) std::fprintf(stderr, "bench_cuda: WARNING: the hand-written step's gradients differ from ckpt's (timed all the same)\n");
 }
 
 // ------------------------------------------------------------------ benchmarks
@@ -229,6 +233,7 @@ void BM_mlp_hand(benchmark::State& state) {
     cuda::synchronize();
   }
   state.counters["peak_bytes"] = static_cast<double>(hm.activation_bytes());
+  state.counters["matches_ckpt"] = hand_matches_ckpt ? 1 : 0;
   state.counters["tflops"] = benchmark::Counter(6.0 * layers * double(width) * width * batch * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
 }
 
@@ -318,6 +323,17 @@ void BM_offload_copies(benchmark::State& state) {
   cudaFree(dev);
 }
 
+/// A benchmark whose body throws (a ckpt::error, a cuda_error) is reported as failed and the run
+/// goes on to the next, instead of ending in std::terminate with the rest unmeasured.
+template <void (*Body)(benchmark::State&)>
+void guarded(benchmark::State& state) {
+  try {
+    Body(state);
+  } catch (const std::exception& e) {
+    state.SkipWithError(e.what());
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -325,22 +341,26 @@ int main(int argc, char** argv) {
     std::printf("bench_cuda: no CUDA device here (%s); nothing measured\n", why.c_str());
     return 0;
   }
-  check_hand_against_ckpt();
+  try {
+    check_hand_against_ckpt();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_cuda: WARNING: the check of the hand-written step failed: %s\n", e.what());
+  }
   const int L = 16, W = 4096, N = 4096;
-  benchmark::RegisterBenchmark("cublas_hand", BM_mlp_hand)->Args({L, W, N})->Unit(benchmark::kMillisecond)->UseRealTime();
-  benchmark::RegisterBenchmark("none", BM_mlp<policy::none>)->Args({L, W, N})->Unit(benchmark::kMillisecond)->UseRealTime();
-  benchmark::RegisterBenchmark("sqrt_n", BM_mlp<policy::sqrt_n>)->Args({L, W, N})->Unit(benchmark::kMillisecond)->UseRealTime();
-  benchmark::RegisterBenchmark("offload", BM_mlp<policy::offload<>>)->Args({L, W, N})->Unit(benchmark::kMillisecond)->UseRealTime();
+  benchmark::RegisterBenchmark("cublas_hand", guarded<BM_mlp_hand>)->Args({L, W, N})->Unit(benchmark::kMillisecond)->UseRealTime();
+  benchmark::RegisterBenchmark("none", guarded<BM_mlp<policy::none>>)->Args({L, W, N})->Unit(benchmark::kMillisecond)->UseRealTime();
+  benchmark::RegisterBenchmark("sqrt_n", guarded<BM_mlp<policy::sqrt_n>>)->Args({L, W, N})->Unit(benchmark::kMillisecond)->UseRealTime();
+  benchmark::RegisterBenchmark("offload", guarded<BM_mlp<policy::offload<>>>)->Args({L, W, N})->Unit(benchmark::kMillisecond)->UseRealTime();
   // sqrt_n over 16 layers: segments of 4, three checkpointed, so two boundaries offloaded.
-  benchmark::RegisterBenchmark("offload_copies", BM_offload_copies)->Args({2, W, N})->Unit(benchmark::kMillisecond)->UseRealTime();
-  benchmark::RegisterBenchmark("elementwise", BM_elementwise)->Arg(1L << 26)->Unit(benchmark::kMillisecond)->UseManualTime();
+  benchmark::RegisterBenchmark("offload_copies", guarded<BM_offload_copies>)->Args({2, W, N})->Unit(benchmark::kMillisecond)->UseRealTime();
+  benchmark::RegisterBenchmark("elementwise", guarded<BM_elementwise>)->Arg(1L << 26)->Unit(benchmark::kMillisecond)->UseManualTime();
   // Row-wise ops take a warp per column: 4096 features is the model's case; 16 features leaves
   // half of each warp idle, and 65536 features in 1024 columns gives the GPU 1024 warps only.
-  benchmark::RegisterBenchmark("softmax", BM_rowwise<rowwise_op::softmax>)->Args({4096, 1L << 26})->Unit(benchmark::kMillisecond)->UseManualTime();
-  benchmark::RegisterBenchmark("layer_norm", BM_rowwise<rowwise_op::layer_norm>)->Args({4096, 1L << 26})->Unit(benchmark::kMillisecond)->UseManualTime();
-  benchmark::RegisterBenchmark("softmax_short", BM_rowwise<rowwise_op::softmax>)->Args({16, 1L << 26})->Unit(benchmark::kMillisecond)->UseManualTime();
-  benchmark::RegisterBenchmark("softmax_long", BM_rowwise<rowwise_op::softmax>)->Args({1L << 16, 1L << 26})->Unit(benchmark::kMillisecond)->UseManualTime();
-  benchmark::RegisterBenchmark("copy", BM_copy)->Arg(1L << 26)->Unit(benchmark::kMillisecond)->UseManualTime();
+  benchmark::RegisterBenchmark("softmax", guarded<BM_rowwise<rowwise_op::softmax>>)->Args({4096, 1L << 26})->Unit(benchmark::kMillisecond)->UseManualTime();
+  benchmark::RegisterBenchmark("layer_norm", guarded<BM_rowwise<rowwise_op::layer_norm>>)->Args({4096, 1L << 26})->Unit(benchmark::kMillisecond)->UseManualTime();
+  benchmark::RegisterBenchmark("softmax_short", guarded<BM_rowwise<rowwise_op::softmax>>)->Args({16, 1L << 26})->Unit(benchmark::kMillisecond)->UseManualTime();
+  benchmark::RegisterBenchmark("softmax_long", guarded<BM_rowwise<rowwise_op::softmax>>)->Args({1L << 16, 1L << 26})->Unit(benchmark::kMillisecond)->UseManualTime();
+  benchmark::RegisterBenchmark("copy", guarded<BM_copy>)->Arg(1L << 26)->Unit(benchmark::kMillisecond)->UseManualTime();
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
