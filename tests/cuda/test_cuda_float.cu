@@ -1,19 +1,3 @@
-// The CUDA backend against the CPU backend in float: every op's value and gradient (see
-// test_cuda.cu for the rest and main). One translation unit per scalar type, so that a
-// many-core GPU machine compiles them side by side.
-#include <ckpt/cuda.hpp>
-
-#include "support/backend_checks.hpp"
-
-using ckpt::backend::cpu;
-using ckpt::backend::cuda;
-using ckpt::test::cuda_cols;
-using ckpt::test::cuda_rows;
-
-TEST_CASE("elementwise expressions in float: one fused kernel each way, broadcasting operands included") {
-  ckpt::test::check_elementwise_ops<float, cpu, cuda>(cuda_rows, cuda_cols);
-}
-
-TEST_CASE("products, reductions, row-wise ops, losses and layout in float") {
-  ckpt::test::check_other_ops<float, cpu, cuda>(cuda_rows, cuda_cols);
-}
+// Every op on CUDA against the CPU in float (see test_cuda_ops.inl).
+#define CKPT_TEST_SCALAR float
+#include "cuda/test_cuda_ops.inl"
