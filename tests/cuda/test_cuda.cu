@@ -237,8 +237,9 @@ TEST_CASE("upload staging stays within its limit: a run of uploads past it waits
 }
 
 TEST_CASE("another host thread gets cuda_thread_error until it adopts the backend; a tape's work then goes on there") {
+  (void)cuda::context();  // this thread holds it, also when this test runs alone
   bool threw = false;
-  std::string what;
+  std::string what, other_error;
   std::thread intruder([&] {
     try {
       Tape<float, cuda> t;
@@ -246,22 +247,32 @@ TEST_CASE("another host thread gets cuda_thread_error until it adopts the backen
     } catch (const cuda_thread_error& e) {
       threw = true;
       what = e.what();
+    } catch (const std::exception& e) {  // escaping a std::thread would end the whole run
+      other_error = e.what();
     }
   });
   intruder.join();
   CHECK(threw);
+  CHECK(other_error == "");
   CHECK(what.find("adopt_this_thread") != std::string::npos);
 
   // Handed over: a tape built here is used by a worker that adopts the backend, then back.
   Tape<float, cuda> t;
   auto x = t.variable(Eigen::MatrixXf::Constant(3, 4, 2.f));
+  auto loss = sum(square(x));
   Eigen::MatrixXf grad;
   std::thread worker([&] {
-    cuda::adopt_this_thread();
-    t.backward(sum(square(x)));
-    grad = t.grad(x);
+    try {
+      CHECK_THROWS_AS(t.backward(loss), cuda_thread_error);  // refused before any work ...
+      cuda::adopt_this_thread();
+      t.backward(loss);  // ... so it can be made again once adopted
+      grad = t.grad(x);
+    } catch (const std::exception& e) {
+      other_error = e.what();
+    }
   });
   worker.join();
+  CHECK(other_error == "");
   CHECK_THROWS_AS((void)t.grad(x), cuda_thread_error);  // the worker holds it now
   cuda::adopt_this_thread();
   CHECK(grad.isApprox(Eigen::MatrixXf::Constant(3, 4, 4.f)));

@@ -7,7 +7,9 @@
 #include "support/backend_checks.hpp"
 
 #include <barrier>
+#include <stdexcept>
 #include <thread>
+#include <utility>
 #include <vector>
 
 using namespace ckpt;
@@ -151,4 +153,36 @@ TEST_CASE("backward queues its work without waiting on the host (the loss's seed
   const Mat dx = tape.grad(x).cast<double>();  // and the count does see a read back
   CHECK(B::waits > before);
   CHECK(dx.norm() > 0);
+}
+
+namespace {
+/// A backend that refuses its next fill_zero, as the CUDA backend refuses a thread that does not
+/// hold it: the call throws before doing any work.
+struct refusing_cpu : ordered_cpu<false> {
+  static inline bool refuse_next = false;
+  template <class T>
+  static void fill_zero(T* p, long n) {
+    if (std::exchange(refuse_next, false)) throw std::runtime_error("refused");
+    backend::cpu::fill_zero(p, n);
+  }
+};
+}  // namespace
+
+TEST_CASE("a backward refused at its first backend call can be made again, with the same gradients") {
+  using B = refusing_cpu;
+  auto run = [](bool refuse_first) {
+    Tape<double, B> tape;
+    const Var<double, B> x = tape.variable(random_matrix(7, 9, 4));
+    const auto loss = sum(square(tanh(x)));
+    if (refuse_first) {
+      const std::size_t held = tape.memory().bytes;
+      B::refuse_next = true;
+      CHECK_THROWS_WITH_AS(tape.backward(loss), "refused", std::runtime_error);
+      CHECK(tape.memory().bytes == held);  // the loss's adjoint went back unpublished
+    }
+    tape.backward(loss);  // not "already back-propagated"
+    return Mat(tape.grad(x));
+  };
+  const Mat plain = run(false), retried = run(true);
+  CHECK(same_bits(retried, plain));
 }

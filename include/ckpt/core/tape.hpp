@@ -320,10 +320,15 @@ class Tape {
       throw tape_error(
           "backward: this recording was already back-propagated; call reset() and record the step again");
     if (check_finite_) check_finite(loss);
-    swept_ = true;
     nodes_[loss.index()].flags |= detail::retained;
-    if (!n.has(detail::requires_grad)) return;
+    if (!n.has(detail::requires_grad)) {
+      swept_ = true;
+      return;
+    }
+    // Swept once the seed is written: a call refused before any work (a CUDA backend called from
+    // a thread that does not hold it) can be made again.
     B::for_each(1, detail::seed_loss<T>{adjoint_of(loss.index()), !nodes_[loss.index()].has(detail::owns_adjoint)});
+    swept_ = true;
     prefetch_before(offloads_.size());  // the newest offloaded value is the first needed back
     sweep(0);
   }
@@ -644,9 +649,16 @@ class Tape {
       if (i < adjoint_guard_)
         throw tape_error(detail::cat("internal: adjoint of node #", i, " ('", n.op,
                                      "') requested inside a re-trace; a checkpointed segment used a Var it did not declare"));
-      n.adjoint = static_cast<T*>(pool_.acquire(bytes_of(n.dims)));
+      // Published once zeroed: if zeroing throws, the buffer goes back and the node has none.
+      T* fresh = static_cast<T*>(pool_.acquire(bytes_of(n.dims)));
+      try {
+        B::fill_zero(fresh, n.dims.size());
+      } catch (...) {
+        pool_.release(fresh, bytes_of(n.dims));
+        throw;
+      }
+      n.adjoint = fresh;
       n.flags |= detail::owns_adjoint;
-      B::fill_zero(n.adjoint, n.dims.size());
     }
     return n.adjoint;
   }

@@ -102,7 +102,9 @@ class context {
   /// the reductions' scratch and partial sums are reused call after call, so two threads queueing
   /// at once would interleave their uses of them. The thread that made it holds it; another one
   /// takes it over with adopt_this_thread() once the first is done with it (work both queued
-  /// stays ordered: it is one stream), and until then gets cuda_thread_error.
+  /// stays ordered: it is one stream), and until then gets cuda_thread_error. (A thread that
+  /// ends while holding it should hand it over: the id of an ended thread may be given to a new
+  /// one, which would then pass for the holder.)
   bool held_here() const noexcept { return owner_.load(std::memory_order_relaxed) == std::this_thread::get_id(); }
   void adopt_this_thread() {
     check(cudaSetDevice(device_), "cudaSetDevice(the context's device)");
@@ -149,6 +151,10 @@ class context {
     return e;
   }
   void give_event(cudaEvent_t e) noexcept {
+    if (!held_here()) {  // from another thread (a tape released there): not into the holder's cache
+      cudaEventDestroy(e);
+      return;
+    }
     try {
       events_.push_back(e);
     } catch (...) {

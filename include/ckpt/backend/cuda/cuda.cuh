@@ -168,7 +168,9 @@ struct cuda {
   }
   static void deallocate(void* p, std::size_t) noexcept {
     cudaFree(p);  // cannot throw here; a failure shows at the next checked call
-    ++cuda_detail::any_thread_ctx().count().device_frees;
+    // Counted by the holder only: another thread (a tape destroyed there) must not race on the
+    // counters; cudaFree itself is thread-safe.
+    if (auto& c = cuda_detail::any_thread_ctx(); c.held_here()) ++c.count().device_frees;
   }
   template <class T>
   static void fill_zero(T* p, long n) {
