@@ -38,16 +38,23 @@ struct fake_device_state {
   int in_flight() const { return static_cast<int>(queued.size()) - completed; }
 };
 
-struct fake_device {
-  fake_device_state* s;
-  void* allocate_staging(std::size_t bytes) {
+/// The pinned memory, as the pool's allocator (static, as a backend's is), counting into the
+/// state of the test that runs.
+struct fake_pinned {
+  static inline fake_device_state* s = nullptr;
+  static constexpr std::size_t alignment = 64;
+  static void* allocate(std::size_t bytes) {
     ++s->allocations;
     return ::operator new(bytes);
   }
-  void free_staging(void* p) noexcept {
+  static void deallocate(void* p, std::size_t) noexcept {
     ++s->frees;
     ::operator delete(p);
   }
+};
+
+struct fake_device {
+  fake_device_state* s;
   int copy_from_staging(void* dst, const void* staged, std::size_t bytes) {
     if (std::exchange(s->fail_next_copy, false)) throw std::runtime_error("copy refused");
     s->queued.push_back({dst, staged, bytes});
@@ -67,8 +74,17 @@ struct fake_device {
   }
 };
 
-using staging = ckpt::detail::upload_staging<fake_device>;
-constexpr std::size_t granule = staging::granule;
+using fake_staging = ckpt::detail::upload_staging<fake_device, fake_pinned>;
+/// The device side over `d`, whose pinned memory is counted in `d` too.
+fake_device attached(fake_device_state& d) {
+  fake_pinned::s = &d;
+  return fake_device{&d};
+}
+/// Staging over a fake device whose state `d` the test reads.
+struct staging : fake_staging {
+  staging(fake_device_state& d, std::size_t limit) : fake_staging(attached(d), limit) {}
+};
+constexpr std::size_t granule = fake_staging::granule;
 
 std::vector<int> iota_from(int first, std::size_t n) {
   std::vector<int> v(n);
@@ -80,7 +96,7 @@ std::vector<int> iota_from(int first, std::size_t n) {
 
 TEST_CASE("an upload is staged: the caller may overwrite its buffer at once, and the copy delivers the values it had") {
   fake_device_state d;
-  staging st(fake_device{&d}, 16 * granule);
+  staging st(d, 16 * granule);
   std::vector<int> host = iota_from(7, 1000), dst(1000, -1);
   st.upload(dst.data(), host.data(), sizeof(int) * host.size());
   std::fill(host.begin(), host.end(), 0);  // the caller reuses its buffer before the copy runs
@@ -95,7 +111,7 @@ TEST_CASE("an upload is staged: the caller may overwrite its buffer at once, and
 
 TEST_CASE("a staging buffer is handed out again only once its copy has passed") {
   fake_device_state d;
-  staging st(fake_device{&d}, 16 * granule);
+  staging st(d, 16 * granule);
   const std::size_t n = 1000;
   std::vector<int> a(n, -1), b(n, -1), c(n, -1), e(n, -1);
   std::vector<int> host = iota_from(1, n);
@@ -119,25 +135,26 @@ TEST_CASE("a staging buffer is handed out again only once its copy has passed") 
   CHECK(d.waits_for_all == 0);
 }
 
-TEST_CASE("the smallest free buffer that fits is taken") {
+TEST_CASE("a free buffer is reused for uploads of its size rounded up to the granule") {
   fake_device_state d;
-  staging st(fake_device{&d}, 64 * granule);
+  staging st(d, 64 * granule);
   std::vector<char> host(3 * granule, 'x'), dst(3 * granule);
   st.upload(dst.data(), host.data(), 3 * granule);  // a three-granule buffer
-  st.upload(dst.data(), host.data(), 10);           // a one-granule buffer (the first is queued)
+  st.upload(dst.data(), host.data(), 10);           // a one-granule buffer
   d.complete_all();
-  CHECK(st.buffers() == 2);
-  st.upload(dst.data(), host.data(), 100);  // takes the one-granule buffer ...
-  st.upload(dst.data(), host.data(), 200);  // ... so this takes the three-granule one
+  st.upload(dst.data(), host.data(), 100);  // 100 bytes: the one-granule buffer
   CHECK(d.allocations == 2);
-  st.upload(dst.data(), host.data(), 300);  // both queued: a new one
+  st.upload(dst.data(), host.data(), 200);  // it is queued, the free one is of another size: a new one
+  CHECK(d.allocations == 3);
+  st.upload(dst.data(), host.data(), 2 * granule + 1);  // three granules: the first buffer
   CHECK(d.allocations == 3);
   CHECK(st.held_bytes() == 5 * granule);
+  CHECK(d.waits_for_all == 0);
 }
 
 TEST_CASE("staging stays within its limit: past it, an upload waits for every queued copy once and reuses a buffer") {
   fake_device_state d;
-  staging st(fake_device{&d}, 2 * granule);
+  staging st(d, 2 * granule);
   const std::size_t n = granule / sizeof(int);  // one granule each
   std::vector<int> x(n, -1), y(n, -1), z(n, -1);
   std::vector<int> host = iota_from(10, n);
@@ -156,38 +173,39 @@ TEST_CASE("staging stays within its limit: past it, an upload waits for every qu
   CHECK(z == iota_from(30, n));
 }
 
-TEST_CASE("past the limit with buffers too small, the smallest free ones are freed until the new one fits") {
+TEST_CASE("past the limit with no free buffer of the size, the cached ones are given back for a new one") {
   fake_device_state d;
-  staging st(fake_device{&d}, 3 * granule);
+  staging st(d, 3 * granule);
   std::vector<char> host(3 * granule, 'y'), dst(3 * granule);
   st.upload(dst.data(), host.data(), 10);
   st.upload(dst.data(), host.data(), 10);
   CHECK(st.held_bytes() == 2 * granule);
-  st.upload(dst.data(), host.data(), 2 * granule);  // needs two granules: frees one small buffer
+  st.upload(dst.data(), host.data(), 2 * granule);  // 2 + 2 > 3: wait, give both back, take two granules
   CHECK(d.waits_for_all == 1);
-  CHECK(d.frees == 1);
-  CHECK(st.held_bytes() == 3 * granule);
+  CHECK(d.frees == 2);
+  CHECK(st.held_bytes() == 2 * granule);
   d.complete_all();
   CHECK(std::vector<char>(dst.begin(), dst.begin() + 2 * static_cast<long>(granule)) == std::vector<char>(2 * granule, 'y'));
 }
 
-TEST_CASE("past the limit, the smallest buffers go first: the larger one that may still serve stays") {
+TEST_CASE("past the limit, the wait frees a buffer of the size, which is reused with nothing given back") {
   fake_device_state d;
-  staging st(fake_device{&d}, 5 * granule);
-  std::vector<char> host(3 * granule, 'w'), dst(3 * granule);
-  st.upload(dst.data(), host.data(), granule);  // a one-granule buffer
+  staging st(d, 3 * granule);
+  std::vector<char> host(2 * granule, 'w'), dst(2 * granule);
+  st.upload(dst.data(), host.data(), granule);
   d.complete_all();
-  st.upload(dst.data(), host.data(), 2 * granule);  // too big for it: a two-granule one
+  st.upload(dst.data(), host.data(), 2 * granule);
   CHECK(st.held_bytes() == 3 * granule);
-  st.upload(dst.data(), host.data(), 3 * granule);  // 3 + 3 > 5: the one-granule buffer goes, 2 + 3 fits
-  CHECK(d.frees == 1);
-  CHECK(st.held_bytes() == 5 * granule);
-  CHECK(st.buffers() == 2);
+  st.upload(dst.data(), host.data(), 2 * granule);  // the two-granule buffer is queued: 3 + 2 > 3
+  CHECK(d.waits_for_all == 1);
+  CHECK(d.frees == 0);
+  CHECK(d.allocations == 2);
+  CHECK(st.held_bytes() == 3 * granule);
 }
 
 TEST_CASE("the limit counts whole buffers: an upload whose rounded-up buffer would pass it waits instead") {
   fake_device_state d;
-  staging st(fake_device{&d}, granule + 100);
+  staging st(d, granule + 100);
   std::vector<char> host(granule + 50, 'v'), dst(granule + 50);
   st.upload(dst.data(), host.data(), granule + 50);  // would take two granules
   CHECK(d.waited == 1);
@@ -200,11 +218,12 @@ TEST_CASE("the limit counts whole buffers: an upload whose rounded-up buffer wou
 
 TEST_CASE("a copy the device refuses leaves its buffer free and the staging usable") {
   fake_device_state d;
-  staging st(fake_device{&d}, 16 * granule);
+  staging st(d, 16 * granule);
   std::vector<int> host = iota_from(40, 100), dst(100, -1);
   d.fail_next_copy = true;
   CHECK_THROWS_AS(st.upload(dst.data(), host.data(), sizeof(int) * host.size()), std::runtime_error);
-  CHECK(st.buffers() == 1);
+  CHECK(st.in_flight() == 0);  // back in the pool, free
+  CHECK(st.held_bytes() == granule);
   st.upload(dst.data(), host.data(), sizeof(int) * host.size());  // the same buffer, free
   CHECK(d.allocations == 1);
   d.complete_all();
@@ -213,7 +232,7 @@ TEST_CASE("a copy the device refuses leaves its buffer free and the staging usab
 
 TEST_CASE("an upload larger than the limit waits for its copy and stages nothing") {
   fake_device_state d;
-  staging st(fake_device{&d}, granule);
+  staging st(d, granule);
   const std::size_t n = granule / sizeof(int) + 1;
   std::vector<int> host = iota_from(5, n), dst(n, -1);
   st.upload(dst.data(), host.data(), sizeof(int) * n);
@@ -228,7 +247,7 @@ TEST_CASE("an upload larger than the limit waits for its copy and stages nothing
 
 TEST_CASE("a training loop reuses two buffers, and a host running a step ahead needs two more at most") {
   fake_device_state d;
-  staging st(fake_device{&d}, 64 * granule);
+  staging st(d, 64 * granule);
   std::vector<float> batch(3000, 1.f), batch_dst(3000);
   std::vector<int> labels(50, 3), labels_dst(50);
   auto step = [&] {
@@ -249,17 +268,17 @@ TEST_CASE("a training loop reuses two buffers, and a host running a step ahead n
   CHECK(d.staged == 80);
 }
 
-TEST_CASE("lowering the limit waits for the copies and frees what it no longer allows; teardown frees everything") {
+TEST_CASE("lowering the limit waits for the copies and gives the buffers back; teardown frees everything") {
   fake_device_state d;
   {
-    staging st(fake_device{&d}, 8 * granule);
+    staging st(d, 8 * granule);
     std::vector<char> host(granule, 'z'), dst(granule);
     for (int i = 0; i < 4; ++i) st.upload(dst.data(), host.data(), granule);
     CHECK(st.held_bytes() == 4 * granule);
     st.set_limit(granule);
     CHECK(d.in_flight() == 0);
-    CHECK(st.held_bytes() == granule);
-    CHECK(d.frees == 3);
+    CHECK(st.held_bytes() == 0);  // more than the limit was held: the cached buffers went back
+    CHECK(d.frees == 4);
     st.upload(dst.data(), host.data(), granule);  // still one in flight at teardown
   }
   CHECK(d.frees == d.allocations);

@@ -101,6 +101,17 @@ class buffer_pool {
     }
   }
 
+  /// Whether a free buffer of this size is cached (so that acquire would not allocate).
+  bool cached(std::size_t bytes) const {
+    const std::size_t size = rounded(std::max<std::size_t>(bytes, 1));
+    if (size > small_limit) {
+      const auto it = free_.find(size);
+      return it != free_.end() && !it->second.empty();
+    }
+    const std::size_t k = size / B::alignment - 1;
+    return k < small_.size() && !small_[k].empty();
+  }
+
   /// Returns every cached free buffer to the backend.
   void trim() noexcept {
     auto drop = [this](std::size_t size, std::vector<void*>& list) {

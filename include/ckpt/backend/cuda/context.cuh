@@ -62,12 +62,18 @@ struct counters {
 
 class context;
 
-/// Upload staging's device side (see detail/staging.hpp): pinned buffers, and copies on the
-/// compute stream with an event after each.
+/// Pinned host memory, as an allocator (core/pool.hpp): offload's buffers (cuda::host_allocate)
+/// and upload staging's come from here.
+struct pinned_memory {
+  static constexpr std::size_t alignment = 64;
+  static void* allocate(std::size_t bytes);
+  static void deallocate(void* p, std::size_t) noexcept { cudaFreeHost(p); }
+};
+
+/// Upload staging's device side (see detail/staging.hpp): copies on the compute stream with an
+/// event after each. (Its buffers are pinned_memory's, cached in a pool.)
 struct staging_device {
   context* c;
-  void* allocate_staging(std::size_t bytes);
-  void free_staging(void* p) noexcept { cudaFreeHost(p); }
   cudaEvent_t copy_from_staging(void* dst, const void* staged, std::size_t bytes);
   bool passed(cudaEvent_t e);
   void release(cudaEvent_t e) noexcept;
@@ -77,6 +83,8 @@ struct staging_device {
 
 class context {
  public:
+  using upload_staging = ckpt::detail::upload_staging<staging_device, pinned_memory>;
+
   context() {
     check(cudaGetDevice(&device_), "cudaGetDevice");
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags(compute)");
@@ -166,7 +174,7 @@ class context {
   /// buffer (detail/staging.hpp), so the caller may reuse `host` at once. Staging holds at most
   /// staging().limit() bytes (256 MiB unless set): a larger upload waits for its copy.
   void upload(void* dst, const void* host, std::size_t bytes) { staging_.upload(dst, host, bytes); }
-  ckpt::detail::upload_staging<staging_device>& staging() { return staging_; }
+  upload_staging& staging() { return staging_; }
 
  private:
   cudaStream_t stream_ = nullptr;
@@ -180,15 +188,9 @@ class context {
   bool tf32_ = false;
   int device_ = 0;
   std::atomic<std::thread::id> owner_{std::this_thread::get_id()};
-  ckpt::detail::upload_staging<staging_device> staging_{staging_device{this}, std::size_t(256) << 20};
+  upload_staging staging_{staging_device{this}, std::size_t(256) << 20};
 };
 
-inline void* staging_device::allocate_staging(std::size_t bytes) {
-  void* p = nullptr;
-  check(cudaMallocHost(&p, bytes), "cudaMallocHost(upload staging)");
-  ++c->count().host_allocations;
-  return p;
-}
 inline cudaEvent_t staging_device::copy_from_staging(void* dst, const void* staged, std::size_t bytes) {
   cudaEvent_t e = c->take_event();  // before the copy: once it is queued, nothing may throw before the event
   if (const cudaError_t r = cudaMemcpyAsync(dst, staged, bytes, cudaMemcpyHostToDevice, c->stream()); r != cudaSuccess) {
@@ -235,6 +237,14 @@ inline context& ctx() {
         "the last to call backend::cuda::adopt_this_thread()); one thread at a time drives its stream and scratch: call "
         "adopt_this_thread() in this thread once the other is done with the backend");
   return c;
+}
+
+inline void* pinned_memory::allocate(std::size_t bytes) {
+  auto& c = ctx();  // first: from a thread that does not hold it, nothing is allocated
+  void* p = nullptr;
+  check(cudaMallocHost(&p, bytes), "cudaMallocHost");
+  ++c.count().host_allocations;
+  return p;
 }
 
 }  // namespace backend::cuda_detail

@@ -213,14 +213,8 @@ struct cuda {
   // they overlap with kernels; an event handle is returned for each copy in flight.
 
   static constexpr bool offloads = true;
-  static void* host_allocate(std::size_t bytes) {
-    auto& c = context();
-    void* p = nullptr;
-    cuda_detail::check(cudaMallocHost(&p, bytes), "cudaMallocHost");
-    ++c.count().host_allocations;
-    return p;
-  }
-  static void host_deallocate(void* p) noexcept { cudaFreeHost(p); }
+  static void* host_allocate(std::size_t bytes) { return cuda_detail::pinned_memory::allocate(bytes); }
+  static void host_deallocate(void* p) noexcept { cuda_detail::pinned_memory::deallocate(p, 0); }
   /// Starts host <- device once the compute stream's queued work (which writes `dev`) is done.
   static void* copy_to_host_async(void* host, const void* dev, std::size_t bytes) {
     return copy_behind_compute(host, dev, bytes, cudaMemcpyDeviceToHost, "cudaMemcpyAsync(offload to host)");
