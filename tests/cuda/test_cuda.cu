@@ -32,6 +32,10 @@ constexpr int R = ckpt::test::cuda_rows, C = ckpt::test::cuda_cols;
 // Every op against the CPU backend: tests/cuda/test_cuda_float.cu and test_cuda_double.cu,
 // translation units of their own so that a many-core machine compiles them side by side.
 
+TEST_CASE("float sums over long dimensions stay within 1e-6 of double on CUDA (runs, warp trees and grids in double)") {
+  ckpt::test::check_long_sums<cuda>(1 << 22);
+}
+
 TEST_CASE("dropout draws the CPU's masks on CUDA (same seed, step and op)") {
   const Mat a = positive(R, C, 1);
   auto program = [](auto&, auto in) { return eval(dropout(in[0], 0.4) + dropout(in[0] * 2.0, 0.25)); };

@@ -1,9 +1,11 @@
 // The code paths of concurrent backends (backend::cuda), run on the CPU: a test backend whose
-// loop primitives say their iterations may run at the same time and run them in an order other
-// than the CPU's (reversed, or forward), within each primitive's contract. Every op's value and
+// loop primitives run their iterations in an order other than the CPU's (reversed, or
+// forward), within each primitive's contract, and whose add_row_sums and lane groups are
+// those of backend::cuda. Every op's value and
 // gradients must match the CPU backend (tolerance: the sums run in another order), and the two
 // orders must agree bit for bit: were two iterations to add into one element (a race on a GPU),
 // the sum's rounding would depend on their order.
+#include "ckpt/detail/runs.hpp"
 #include "support/backend_checks.hpp"
 
 #include <barrier>
@@ -20,7 +22,6 @@ namespace {
 template <bool Reverse>
 struct ordered_cpu : backend::cpu {
   static constexpr const char* name = Reverse ? "reversed_cpu" : "forward_cpu";
-  static constexpr bool concurrent = true;
   template <class F>
   static void for_each(long n, const F& f) {
     for (long k = 0; k < n; ++k) f(Reverse ? n - 1 - k : k);
@@ -98,6 +99,10 @@ void check_orders(const char* name, const Program& program, const std::vector<Ma
 TEST_CASE_TEMPLATE("concurrent code paths: every op matches the CPU backend", T, float, double) {
   check_elementwise_ops<T, backend::cpu, reversed>(13, 70);
   check_other_ops<T, backend::cpu, reversed>(29, 140);
+}
+
+TEST_CASE("concurrent code paths: float sums over long dimensions stay within 1e-6 of double") {
+  check_long_sums<reversed>(1 << 16);
 }
 
 TEST_CASE("concurrent code paths: no two loop iterations add into one element (both orders agree bit for bit)") {

@@ -61,8 +61,8 @@ void expect_same_as(const char* name, const Program& program, const std::vector<
 
 inline Mat positive(int r, int c, std::uint64_t seed) { return random_matrix(r, c, seed, 0.5, 2.0); }
 
-/// Elementwise expressions, broadcasting operands included (their reverse on a concurrent
-/// backend gathers instead of scattering). R x C should cross block boundaries.
+/// Elementwise expressions, broadcasting operands included (their reverse sums a broadcast
+/// operand's shares through the backend's reductions). R x C should cross block boundaries.
 template <class T, class Ref, class B>
 void check_elementwise_ops(int R, int C) {
   const Mat a = random_matrix(R, C, 1), b = random_matrix(R, C, 2), col = random_matrix(R, 1, 3), row = random_matrix(1, C, 4),
@@ -117,6 +117,33 @@ void check_other_ops(int R, int C) {
   same("slice_cols", [](auto&, auto in) { return slice_cols(in[0], 17, 100); }, {a});
   same("concat_rows", [](auto&, auto in) { return concat_rows({in[0], in[1], in[0]}); }, {a, random_matrix(4, C, 8)});
   same("concat_cols", [](auto&, auto in) { return concat_cols({in[0], in[1]}); }, {a, random_matrix(R, 9, 9)});
+}
+
+/// Sums over long dimensions in float on backend B against the same program in double on the
+/// CPU: a 1x1, a rows x 1 and a 1 x cols operand's gradient, softmax and layer norm over long
+/// columns, a norm's gain and bias over a long batch. Each sums about `length` terms per
+/// result, positive ones where that is the worst case (nothing cancels the drift), and must
+/// stay within 1e-6 of the double result (16 float ulps): added one by one in float, the 1x1
+/// gradient over 2^20 terms was 1.7e-5 off and the softmax over 2^18 features about 2e-4.
+template <class B>
+void check_long_sums(int length) {
+  const int n = length / 4;
+  auto same = [](const char* name, auto f, const std::vector<Mat>& in) {
+    INFO("op: ", std::string(name));
+    const auto want = run_on<double, backend::cpu>(f, in, 11);
+    const auto got = run_on<float, B>(f, in, 11);
+    expect_near(got[0], want[0], 1e-6, "value");
+    for (std::size_t k = 1; k < want.size(); ++k) expect_near(got[k], want[k], 1e-6, "gradient of input " + std::to_string(k - 1));
+  };
+  const Mat wide = positive(4, n, 1), tall = positive(n, 4, 2);
+  same("1x1 operand", [](auto&, auto in) { return eval(in[0] * in[1]); }, {positive(1, 1, 3), positive(1024, length / 1024, 4)});
+  same("bias over the batch", [](auto&, auto in) { return eval(relu(in[0] + in[1])); }, {wide, positive(4, 1, 5)});
+  same("1 x cols operand", [](auto&, auto in) { return eval(in[0] * in[1]); }, {tall, positive(1, 4, 6)});
+  same("softmax over long columns", [](auto&, auto in) { return softmax(in[0]); }, {random_matrix(n, 4, 7, -3, 3)});
+  same("layer_norm over long columns", [](auto&, auto in) { return layer_norm(in[0], in[1], in[2]); },
+       {random_matrix(n, 4, 8), positive(n, 1, 9), random_matrix(n, 1, 10)});
+  same("layer_norm gain and bias over the batch", [](auto&, auto in) { return layer_norm(in[0], in[1], in[2]); },
+       {random_matrix(32, length / 32, 11), positive(32, 1, 12), random_matrix(32, 1, 13)});  // 32 rows: well conditioned
 }
 
 }  // namespace ckpt::test

@@ -3,8 +3,9 @@
 // backend, and to and from the host), products, and the loop primitives every op's forward and
 // reverse are written with (for_each, for_each_2d, for_each_column, add_row_sums, sum, sum_2d,
 // and scratch for passes that hand partial results on; see backend/cpu/cpu.hpp for their
-// contracts). `concurrent` says whether loop iterations may run
-// at the same time, so that no two of them may add into the same element. `offloads` says
+// contracts). Loop iterations may run at the same time (they do on CUDA), so on every backend
+// each op gives every element one writer: no two iterations add into the same element, and
+// sums over many elements go through the reduction primitives. `offloads` says
 // whether the backend's memory is not host memory and it can move values to pinned host memory
 // on a side stream (copy_to_host_async, copy_to_device_async, event_done, wait_event,
 // finish_event, release_event, host_allocate, host_deallocate; see backend/cuda/cuda.cuh).
@@ -26,7 +27,6 @@ concept Backend = requires(std::size_t bytes, void* p, float* f, const float* cf
   B::to_host(f, cf, n);
   B::from_host(f, cf, n);
   B::synchronize();
-  { B::concurrent } -> std::convertible_to<bool>;
   { B::offloads } -> std::convertible_to<bool>;
   B::gemm(false, false, 1, 1, 1, 1.0f, cf, 1, cf, 1, 0.0f, f, 1);
 };

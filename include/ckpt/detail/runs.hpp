@@ -1,12 +1,15 @@
-// ckpt — sums over a broadcast dimension in fixed runs (internal), for backends whose loop
-// iterations run concurrently: instead of many iterations adding into one element (a race, or
-// atomics whose order varies), each element's terms are split into runs whose split depends on
-// the shapes alone; run k of element p is summed by one call into scratch[p + k * elements],
-// and a column pass (for_each_column, element p's runs as its column) then adds them into
-// element p. Results repeat bit for bit.
+// ckpt — row sums in fixed runs (internal), for backends whose loop iterations run
+// concurrently: instead of many iterations adding into one element (a race, or atomics whose
+// order varies), each row's terms are split into runs whose split depends on the shapes alone;
+// run k of row r is summed by one call into scratch[r + k * rows], and a column pass
+// (for_each_column, row r's runs as its column) then adds them into out[r]. Terms, runs and
+// their total are added in accumulator_t<T> (double for float) and rounded to T once, so the
+// result neither depends on the split beyond a rounding nor drifts with the batch, and it
+// repeats bit for bit.
 #pragma once
 #include "ckpt/config.hpp"
 #include "ckpt/core/shape.hpp"
+#include "ckpt/detail/accumulate.hpp"
 
 namespace ckpt::detail {
 
@@ -20,33 +23,28 @@ inline void split_runs(long elements, long reach, long& runs, long& length) {
   length = (reach + runs - 1) / runs;
 }
 
-/// out[p] += the runs' partial sums for element p: a column reduction, element p's runs being
-/// the column (run order with one lane; a warp's lanes share them on CUDA, so that a few
-/// elements with thousands of runs, a 1x1 operand's, are not added by one thread each).
+/// out[p] += the sum of element p's runs, scratch[p + k * elements]: a column reduction,
+/// element p's runs being the column (run order with one lane; a warp's lanes share them on
+/// CUDA, so that a few elements with thousands of runs are not added by one thread each).
 template <class T>
 struct add_runs {
   T* out;
-  const T* scratch;
+  const accumulator_t<T>* scratch;
   long elements;
   long runs;
   template <class Lanes>
   CKPT_HOST_DEVICE void operator()(long p, const Lanes& lanes) const {
-    T s(0);
+    accumulator_t<T> s(0);
     for (long k = lanes.lane(); k < runs; k += lanes.width()) s += scratch[p + k * elements];
     s = lanes.sum(s);
-    if (lanes.lane() == 0) out[p] += s;
+    if (lanes.lane() == 0) out[p] += static_cast<T>(s);
   }
 };
-/// Adds element p's runs, scratch[p + k * elements], into out[p] for every element.
-template <class B, class T>
-void add_runs_into(T* out, const T* scratch, long elements, long runs) {
-  B::for_each_column(shape{static_cast<int>(runs), static_cast<int>(elements)}, add_runs<T>{out, scratch, elements, runs});
-}
 
 /// Run k of row r: the sum of term(r, c) over its columns, into scratch[r + k * rows].
 template <class T, class Term>
 struct row_run {
-  T* scratch;
+  accumulator_t<T>* scratch;
   Term term;
   int rows, cols;
   long length;
@@ -54,22 +52,23 @@ struct row_run {
     const int r = static_cast<int>(i % rows);
     const long k = i / rows;
     const long c1 = (k + 1) * length < cols ? (k + 1) * length : cols;
-    T acc(0);
+    accumulator_t<T> acc(0);
     for (long c = k * length; c < c1; ++c) acc += term(r, static_cast<int>(c));
     scratch[i] = acc;
   }
 };
 
-/// out[r] += sum over c of term(r, c), in runs (see the top of this file): B's add_row_sums
-/// on a concurrent backend.
+/// out[r] += sum over c of term(r, c), in runs (see the top of this file): backend::cuda's
+/// add_row_sums.
 template <class B, class T, class Term>
 void add_row_sums_in_runs(T* out, shape s, const Term& term) {
   if (s.size() == 0) return;
   long runs = 1, length = 1;
   split_runs(s.rows, s.cols, runs, length);
-  T* scratch = B::template scratch<T>(s.rows * runs);
+  using A = accumulator_t<T>;
+  A* scratch = B::template scratch<A>(s.rows * runs);
   B::for_each(s.rows * runs, row_run<T, Term>{scratch, term, s.rows, s.cols, length});
-  add_runs_into<B>(out, scratch, s.rows, runs);
+  B::for_each_column(shape{static_cast<int>(runs), s.rows}, add_runs<T>{out, scratch, s.rows, runs});
 }
 
 }  // namespace ckpt::detail

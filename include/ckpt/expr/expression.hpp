@@ -10,7 +10,8 @@
 //   back(i, g) / back(r, c, g)  adds g * d(node)/d(leaf) into every leaf's adjoint
 //   plus set_strides(out), dense(out), bind(tape), requires_grad(), validate(tape), and
 //   visit_leaves<Offset>(f), which calls f(std::integral_constant<int, k>, leaf) for each leaf
-//   (the CUDA backend's reverse sums a broadcast leaf's contributions leaf by leaf).
+//   share<K>(r, c, g)  what back(r, c, g) would add into leaf K's adjoint, returned instead:
+//                      the reverse of a broadcast leaf sums these (expr/record.hpp)
 //
 // The reverse loop is fast only when the compiler can vectorise it, which a run-time "does
 // this leaf have an adjoint?" test inside the loop prevents (a conditional store). So `back`
@@ -105,11 +106,6 @@ struct leaf {
   void visit_leaves(F&& f) {
     f(std::integral_constant<int, Offset>{}, *this);
   }
-  /// Moves leaf K's adjoint pointer by d elements (the CUDA reverse's partial sums).
-  template <int K, int Offset>
-  CKPT_HOST_DEVICE void shift_adjoint(long d) {
-    if constexpr (K == Offset) adj += d;
-  }
   static constexpr int leaf_count = 1;
   static constexpr bool reads_values = false;
   template <int Offset>
@@ -134,6 +130,11 @@ struct leaf {
       adj[r * rs + c * cs] += g;
     }
   }
+  template <int K, int Offset = 0>
+  CKPT_HOST_DEVICE T share(int, int, T g) const {
+    static_assert(K == Offset, "ckpt: share<K> called on a subtree without leaf K");
+    return g;
+  }
 };
 
 /// A constant number; broadcasts against anything.
@@ -156,8 +157,6 @@ struct scalar {
   void consume_temporaries() const {}
   template <int Offset = 0, class F>
   void visit_leaves(F&&) {}
-  template <int K, int Offset>
-  CKPT_HOST_DEVICE void shift_adjoint(long) {}
   static constexpr int leaf_count = 0;
   static constexpr bool reads_values = false;
   template <int Offset>
@@ -170,6 +169,11 @@ struct scalar {
   CKPT_HOST_DEVICE void back(long, T) const {}
   template <unsigned Mask = checked, int Offset = 0>
   CKPT_HOST_DEVICE void back(int, int, T) const {}
+  template <int K, int Offset = 0>
+  CKPT_HOST_DEVICE T share(int, int, T) const {
+    static_assert(K < 0, "ckpt: share<K> called on a constant");
+    return T(0);
+  }
 };
 
 template <class E>
@@ -215,10 +219,6 @@ struct unary {
   void visit_leaves(V&& v) {
     e.template visit_leaves<Offset>(v);
   }
-  template <int K, int Offset>
-  CKPT_HOST_DEVICE void shift_adjoint(long d) {
-    e.template shift_adjoint<K, Offset>(d);
-  }
   static constexpr int leaf_count = E::leaf_count;
   static constexpr bool reads_values = E::leaf_count > 0;  // chain() reads e's value
   /// The derivative is a function of the output (f.d reads only y) and e is linear in its
@@ -253,6 +253,10 @@ struct unary {
   template <unsigned Mask = checked, int Offset = 0>
   CKPT_HOST_DEVICE void back(int r, int c, T g) const {
     if constexpr (selects<Mask, Offset, leaf_count>) e.template back<Mask, Offset>(r, c, chain(e.at(r, c), g));
+  }
+  template <int K, int Offset = 0>
+  CKPT_HOST_DEVICE T share(int r, int c, T g) const {
+    return e.template share<K, Offset>(r, c, chain(e.at(r, c), g));
   }
 };
 
@@ -314,13 +318,6 @@ struct binary {
     l.template visit_leaves<Offset>(v);
     r.template visit_leaves<Offset + L::leaf_count>(v);
   }
-  template <int K, int Offset>
-  CKPT_HOST_DEVICE void shift_adjoint(long d) {
-    if constexpr (K < Offset + L::leaf_count)
-      l.template shift_adjoint<K, Offset>(d);
-    else
-      r.template shift_adjoint<K, Offset + L::leaf_count>(d);
-  }
   static constexpr int leaf_count = L::leaf_count + R::leaf_count;
   /// Which operand values the reverse loads (bit 0: l's, bit 1: r's), given which sides take
   /// an adjoint: add reads neither, mul by a scalar only the scalar.
@@ -362,6 +359,19 @@ struct binary {
     if constexpr (to_l) l.template back<Mask, Offset>(rr, c, g * f.da(a, b));
     if constexpr (to_r) r.template back<Mask, right>(rr, c, g * f.db(a, b));
   }
+  template <int K, int Offset = 0>
+  CKPT_HOST_DEVICE T share(int rr, int c, T g) const {
+    constexpr int right = Offset + L::leaf_count;
+    constexpr bool to_l = K < right;
+    constexpr unsigned need = loads(to_l, !to_l);
+    T a{}, b{};
+    if constexpr ((need & 1u) != 0) a = l.at(rr, c);
+    if constexpr ((need & 2u) != 0) b = r.at(rr, c);
+    if constexpr (to_l)
+      return l.template share<K, Offset>(rr, c, g * f.da(a, b));
+    else
+      return r.template share<K, right>(rr, c, g * f.db(a, b));
+  }
 };
 
 /// Inverted dropout: keeps an element with probability 1 - p and scales it by 1 / (1 - p).
@@ -400,10 +410,6 @@ struct dropout_node {
   void visit_leaves(V&& v) {
     e.template visit_leaves<Offset>(v);
   }
-  template <int K, int Offset>
-  CKPT_HOST_DEVICE void shift_adjoint(long d) {
-    e.template shift_adjoint<K, Offset>(d);
-  }
   static constexpr int leaf_count = E::leaf_count;
   static constexpr bool reads_values = E::reads_values;  // the mask is recomputed, not read
   template <int Offset>
@@ -422,6 +428,10 @@ struct dropout_node {
   CKPT_HOST_DEVICE void back(int r, int c, T g) const {
     if constexpr (selects<Mask, Offset, leaf_count>)
       if (keep(r * rs + c * cs)) e.template back<Mask, Offset>(r, c, g * scale);
+  }
+  template <int K, int Offset = 0>
+  CKPT_HOST_DEVICE T share(int r, int c, T g) const {
+    return keep(r * rs + c * cs) ? e.template share<K, Offset>(r, c, g * scale) : T(0);
   }
 };
 

@@ -82,8 +82,6 @@ struct one_lane {
 struct cpu {
   static constexpr const char* name = "cpu";
   static constexpr std::size_t alignment = 64;
-  /// Loop bodies run one after another, so two iterations may add into the same element.
-  static constexpr bool concurrent = false;
   /// Values are in host memory already: policy::offload keeps boundaries in place.
   static constexpr bool offloads = false;
 
@@ -144,16 +142,32 @@ struct cpu {
   /// Room for n values, valid until the next call (for a pass's per-column partial results).
   template <class T>
   static T* scratch(long n) {
-    thread_local std::vector<T> buffer;
-    if (static_cast<long>(buffer.size()) < n) buffer.resize(static_cast<std::size_t>(n));
-    return buffer.data();
+    return buffer<T, 0>(n);
+  }
+  /// Scratch of its own for each slot: scratch() is slot 0, add_row_sums uses 1 and 2, so a
+  /// caller may hold scratch across it.
+  template <class T, int Slot>
+  static T* buffer(long n) {
+    thread_local std::vector<T> storage;
+    if (static_cast<long>(storage.size()) < n) storage.resize(static_cast<std::size_t>(n));
+    return storage.data();
   }
   /// out[r] += the sum over c of term(r, c): a row's terms over the batch (a bias's
-  /// gradient). Here each row adds its terms in increasing c, column by column.
+  /// gradient). Here each row adds its terms in increasing c, column by column, in
+  /// accumulator_t<T> (double for float), and the total is rounded into out[r] once.
   template <class T, class Term>
   static void add_row_sums(T* out, shape s, const Term& term) {
-    for (int c = 0; c < s.cols; ++c)
-      for (int r = 0; r < s.rows; ++r) out[r] += term(r, c);
+    using A = ckpt::detail::accumulator_t<T>;
+    // A column's terms, then their addition: two loops that vectorise, where one that does
+    // both does not (a relu's select feeding a conversion stays a branch).
+    A* total = buffer<A, 1>(s.rows);
+    T* column = buffer<T, 2>(s.rows);
+    for (int r = 0; r < s.rows; ++r) total[r] = A(0);
+    for (int c = 0; c < s.cols; ++c) {
+      for (int r = 0; r < s.rows; ++r) column[r] = term(r, c);
+      for (int r = 0; r < s.rows; ++r) total[r] += static_cast<A>(column[r]);
+    }
+    for (int r = 0; r < s.rows; ++r) out[r] += static_cast<T>(total[r]);
   }
   /// out[0] = finish(sum of term(i) for i < n), added in the order of detail/accumulate.hpp.
   template <class T, class F, class Finish>

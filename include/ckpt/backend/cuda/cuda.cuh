@@ -133,8 +133,6 @@ struct by_coordinates {
 struct cuda {
   static constexpr const char* name = "cuda";
   static constexpr std::size_t alignment = 256;
-  /// Loop iterations run concurrently: no two may add into the same element.
-  static constexpr bool concurrent = true;
 
   /// The process's context (stream, cuBLAS handle, scratch, staging), from the host thread that
   /// holds it; another thread gets cuda_thread_error until it calls adopt_this_thread().
