@@ -145,7 +145,7 @@ struct added_to {
 /// The reverse of a broadcasting expression. Leaves of the output's shape take one pass over
 /// the output, each element its own writer. A broadcast leaf's element receives a share from
 /// every output element it was broadcast to; those shares are summed by the backend's
-/// reductions (row sums for a rows x 1 leaf, column sums for 1 x cols, the total for 1 x 1),
+/// reductions (the total for a 1 x 1 leaf, row sums for rows x 1, column sums for 1 x cols),
 /// which add in accumulator_t<T> (double for float) in an order fixed by the shapes, and
 /// without two threads adding into one element on CUDA. (Added one by one
 /// into a float adjoint, a 1x1 operand's gradient over 4096 x 4096 elements was 2% off.)
@@ -164,10 +164,9 @@ void owner_computes(const E& e, const G& g, shape s) {
     if (!leaf.adj || leaf.dims() == s || leaf.dims().size() == 0) return;
     constexpr int K = decltype(k)::value;
     const broadcast_share<K, E, G> share{e, g, s.rows};
-    const bool over_rows = leaf.dims().rows != s.rows, over_cols = leaf.dims().cols != s.cols;
-    if (over_rows && over_cols)
+    if (leaf.dims().size() == 1)  // also against a column or a row: one grid-wide sum on CUDA
       B::sum_2d(leaf.adj, s, share, added_to<T>{leaf.adj});
-    else if (over_cols)
+    else if (leaf.dims().cols != s.cols)
       B::add_row_sums(leaf.adj, s, share);
     else
       B::for_each_column(s, add_column_sums<T, broadcast_share<K, E, G>>{leaf.adj, share, s.rows});
@@ -180,10 +179,13 @@ void owner_computes(const E& e, const G& g, shape s) {
 /// output's gradient at flat index i (a functor, see adjoint_source).
 template <class E, class G>
 void backpropagate_with(const E& e, const G& g, shape s, bool dense) {
-  if (dense)
-    reverse::dispatch(e, g, s, true);
-  else
-    reverse::owner_computes(e, g, s);
+  if constexpr (E::leaf_count > 1) {  // one tensor operand is never broadcast (scalars are not leaves)
+    if (!dense) {
+      reverse::owner_computes(e, g, s);
+      return;
+    }
+  }
+  reverse::dispatch(e, g, s, dense);
 }
 
 /// Adds g * d(e)/d(leaf) into the leaves' adjoints.

@@ -144,8 +144,7 @@ struct cpu {
   static T* scratch(long n) {
     return buffer<T, 0>(n);
   }
-  /// Scratch of its own for each slot: scratch() is slot 0, add_row_sums uses 1 and 2, so a
-  /// caller may hold scratch across it.
+  /// Scratch of its own for each slot: scratch() is slot 0; add_row_sums uses 1 and 2.
   template <class T, int Slot>
   static T* buffer(long n) {
     thread_local std::vector<T> storage;
