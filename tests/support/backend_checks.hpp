@@ -120,26 +120,35 @@ void check_other_ops(int R, int C) {
 }
 
 /// Sums over long dimensions in float on backend B against the same program in double on the
-/// CPU: a 1x1, a rows x 1 and a 1 x cols operand's gradient, softmax and layer norm over long
-/// columns, a norm's gain and bias over a long batch. Each sums about `length` terms per
-/// result, positive ones where that is the worst case (nothing cancels the drift), and must
-/// stay within 1e-6 of the double result (16 float ulps): added one by one in float, the 1x1
-/// gradient over 2^20 terms was 1.7e-5 off and the softmax over 2^18 features about 2e-4.
+/// CPU: a 1x1, a rows x 1 and a 1 x cols operand's gradient, softmax, log-softmax, the norms
+/// and cross-entropy over long columns, a norm's gain and bias over a long batch. Each sums
+/// `length` / 4 to `length` terms per result and must stay within 1e-6 of the double result
+/// (16 float ulps). Added one by one in float (before 2026-12-03), every case failed at
+/// `length` = 2^18 by 2x to 20x, except two that are here for their code paths (the 1x1
+/// operand against a column reaches sum_2d; cross-entropy's gradient is largest where the
+/// drift does not show).
 template <class B>
 void check_long_sums(int length) {
   const int n = length / 4;
-  auto same = [](const char* name, auto f, const std::vector<Mat>& in) {
+  auto same = [](const char* name, auto f, const std::vector<Mat>& in, double tol = 1e-6) {
     INFO("op: ", std::string(name));
     const auto want = run_on<double, backend::cpu>(f, in, 11);
     const auto got = run_on<float, B>(f, in, 11);
-    expect_near(got[0], want[0], 1e-6, "value");
-    for (std::size_t k = 1; k < want.size(); ++k) expect_near(got[k], want[k], 1e-6, "gradient of input " + std::to_string(k - 1));
+    expect_near(got[0], want[0], tol, "value");
+    for (std::size_t k = 1; k < want.size(); ++k) expect_near(got[k], want[k], tol, "gradient of input " + std::to_string(k - 1));
   };
   const Mat wide = positive(4, n, 1), tall = positive(n, 4, 2);
   same("1x1 operand", [](auto&, auto in) { return eval(in[0] * in[1]); }, {positive(1, 1, 3), positive(1024, length / 1024, 4)});
   same("bias over the batch", [](auto&, auto in) { return eval(relu(in[0] + in[1])); }, {wide, positive(4, 1, 5)});
   same("1 x cols operand", [](auto&, auto in) { return eval(in[0] * in[1]); }, {tall, positive(1, 4, 6)});
+  same("1x1 operand against a column", [](auto&, auto in) { return eval(in[0] * in[1]); }, {positive(1, 1, 14), positive(length, 1, 15)});
   same("softmax over long columns", [](auto&, auto in) { return softmax(in[0]); }, {random_matrix(n, 4, 7, -3, 3)});
+  // Its reverse reads exp(y) from the stored float y = log p, about -log(n): y's last bit alone
+  // is |y| ulps of exp(y), whatever the sums do. Summed in float, it was 11x further off.
+  same("log_softmax over long columns", [](auto&, auto in) { return log_softmax(in[0]); }, {random_matrix(n, 4, 16, -3, 3)}, 5e-6);
+  same("cross_entropy over long columns", [n](auto&, auto in) { return cross_entropy(in[0], std::vector<int>{0, n / 3, n / 2, n - 1}); },
+       {random_matrix(n, 4, 17, -3, 3)});
+  same("rms_norm over long columns", [](auto&, auto in) { return rms_norm(in[0], in[1]); }, {random_matrix(n, 4, 18), positive(n, 1, 19)});
   same("layer_norm over long columns", [](auto&, auto in) { return layer_norm(in[0], in[1], in[2]); },
        {random_matrix(n, 4, 8), positive(n, 1, 9), random_matrix(n, 1, 10)});
   same("layer_norm gain and bias over the batch", [](auto&, auto in) { return layer_norm(in[0], in[1], in[2]); },
