@@ -47,4 +47,21 @@ accumulator_t<T> lane_sum(shape s, const F& f) {
   return total;
 }
 
+/// out[j] += the sum of term(i, j) over the `rows` rows of column j, added in accumulator_t<T>
+/// and rounded once: a for_each_column body (the lanes take rows l, l + width, ... and meet in
+/// lanes.sum; lane 0 writes).
+template <class T, class Term>
+struct add_column_sums {
+  T* out;
+  Term term;
+  long rows;
+  template <class Lanes>
+  CKPT_HOST_DEVICE void operator()(long j, const Lanes& lanes) const {
+    accumulator_t<T> total(0);
+    for (long i = lanes.lane(); i < rows; i += lanes.width()) total += term(i, j);
+    total = lanes.sum(total);
+    if (lanes.lane() == 0) out[j] += static_cast<T>(total);
+  }
+};
+
 }  // namespace ckpt::detail

@@ -23,22 +23,14 @@ inline void split_runs(long elements, long reach, long& runs, long& length) {
   length = (reach + runs - 1) / runs;
 }
 
-/// out[p] += the sum of element p's runs, scratch[p + k * elements]: a column reduction,
-/// element p's runs being the column (run order with one lane; a warp's lanes share them on
-/// CUDA, so that a few elements with thousands of runs are not added by one thread each).
-template <class T>
-struct add_runs {
-  T* out;
-  const accumulator_t<T>* scratch;
+/// Run k of element p, scratch[p + k * elements]: element p's runs are a column, which
+/// add_column_sums adds up (a warp's lanes share them on CUDA, so that a few elements with
+/// thousands of runs are not added by one thread each).
+template <class A>
+struct run_total {
+  const A* scratch;
   long elements;
-  long runs;
-  template <class Lanes>
-  CKPT_HOST_DEVICE void operator()(long p, const Lanes& lanes) const {
-    accumulator_t<T> s(0);
-    for (long k = lanes.lane(); k < runs; k += lanes.width()) s += scratch[p + k * elements];
-    s = lanes.sum(s);
-    if (lanes.lane() == 0) out[p] += static_cast<T>(s);
-  }
+  CKPT_HOST_DEVICE A operator()(long k, long p) const { return scratch[p + k * elements]; }
 };
 
 /// Run k of row r: the sum of term(r, c) over its columns, into scratch[r + k * rows].
@@ -68,7 +60,7 @@ void add_row_sums_in_runs(T* out, shape s, const Term& term) {
   using A = accumulator_t<T>;
   A* scratch = B::template scratch<A>(s.rows * runs);
   B::for_each(s.rows * runs, row_run<T, Term>{scratch, term, s.rows, s.cols, length});
-  B::for_each_column(shape{static_cast<int>(runs), s.rows}, add_runs<T>{out, scratch, s.rows, runs});
+  B::for_each_column(shape{static_cast<int>(runs), s.rows}, add_column_sums<T, run_total<A>>{out, {scratch, s.rows}, runs});
 }
 
 }  // namespace ckpt::detail

@@ -117,22 +117,8 @@ struct broadcast_share {
   E e;
   G g;
   int rows;  // the output's
-  CKPT_HOST_DEVICE typename E::value_type operator()(int r, int c) const {
-    return e.template share<K, 0>(r, c, g(r + static_cast<long>(c) * rows));
-  }
-};
-/// adj[j] += the sum of share(i, j) over the rows i of column j (a 1 x cols leaf).
-template <class T, class Share>
-struct add_column_sums {
-  T* adj;
-  Share share;
-  int rows;
-  template <class Lanes>
-  CKPT_HOST_DEVICE void operator()(long j, const Lanes& lanes) const {
-    ckpt::detail::accumulator_t<T> total(0);
-    for (int i = lanes.lane(); i < rows; i += lanes.width()) total += share(i, static_cast<int>(j));
-    total = lanes.sum(total);
-    if (lanes.lane() == 0) adj[j] += static_cast<T>(total);
+  CKPT_HOST_DEVICE typename E::value_type operator()(long r, long c) const {
+    return e.template share<K, 0>(static_cast<int>(r), static_cast<int>(c), g(r + c * rows));
   }
 };
 /// What sum() writes into a 1x1 leaf's adjoint: what it held plus the total.
@@ -169,7 +155,7 @@ void owner_computes(const E& e, const G& g, shape s) {
     else if (leaf.dims().cols != s.cols)
       B::add_row_sums(leaf.adj, s, share);
     else
-      B::for_each_column(s, add_column_sums<T, broadcast_share<K, E, G>>{leaf.adj, share, s.rows});
+      B::for_each_column(s, ckpt::detail::add_column_sums<T, broadcast_share<K, E, G>>{leaf.adj, share, s.rows});
   });
 }
 
