@@ -3,6 +3,8 @@
 //
 //   mlp_hand/L/W/N   hand-written forward and backward, every activation stored
 //   mlp_ad/L/W/N     the same model on a ckpt::Tape: zero_grad, reset, forward, backward
+//   scale_<s>_hand/R/C, scale_<s>_ad/R/C   y = relu(x * s), loss = sum(y), with a broadcast
+//                    operand s of shape 1 x C ("cols"), R x 1 ("rows") or R x C ("full")
 //
 // Model: L layers of width W on a batch of N columns; h_{l+1} = relu(W_l h_l + b_l) for every
 // layer but the last, which is linear; loss = mean((h_L - y)^2) against a fixed target y.
@@ -12,7 +14,7 @@
 // activations and activation-gradient buffers it holds. Neither counts parameters or their
 // gradients, which both sides hold outside the step.
 //
-// After the runs, a table of mlp_ad / mlp_hand ratios, of real and of CPU time, goes to stderr
+// After the runs, a table of <model>_ad / <model>_hand ratios, of real and of CPU time, goes to stderr
 // (from the medians when --benchmark_repetitions > 1). CPU time is the steadier figure on a
 // shared machine: the products are single-threaded unless an OpenBLAS runs them. The context
 // lines say where products went ("gemm": blas or eigen); for OpenBLAS, pin one thread:
@@ -245,6 +247,96 @@ void verify_once(const mlp_size& s) {
   }
 }
 
+// ------------------------------------------------------------------ broadcast operands
+
+/// y = relu(x * s), loss = sum(y), the gradients of x and s, float; s is 1 x C ("cols", a
+/// per-sample scale), R x 1 ("rows", a per-feature scale) or R x C ("full"). The AD side's
+/// broadcast operand takes the owner-computes reverse (a pass for x, then s's shares summed in
+/// double by add_column_sums or add_row_sums); the hand-written side is plain Eigen, its sums
+/// in float.
+struct scale_case {
+  std::string operand;  // cols, rows or full
+  int rows, cols;
+  std::string args() const { return std::to_string(rows) + "/" + std::to_string(cols); }
+  int s_rows() const { return operand == "cols" ? 1 : rows; }
+  int s_cols() const { return operand == "rows" ? 1 : cols; }
+};
+
+struct scale_data {
+  Mat x, s;
+  explicit scale_data(const scale_case& c) {
+    std::mt19937 gen(11);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    x = Mat::NullaryExpr(c.rows, c.cols, [&] { return u(gen); });
+    s = Mat::NullaryExpr(c.s_rows(), c.s_cols(), [&] { return u(gen); });
+  }
+};
+
+class hand_scale {
+ public:
+  hand_scale(const scale_case& c, const scale_data& d) : c_(c), x_(d.x), s_(d.s), y_(d.x), mask_(d.x), dx_(d.x), ds_(d.s) {}
+  float step() {
+    if (c_.operand == "cols") {
+      y_.array() = (x_.array().rowwise() * s_.row(0).array()).max(0.0f);
+      mask_.array() = (y_.array() > 0.0f).cast<float>();
+      dx_.array() = mask_.array().rowwise() * s_.row(0).array();
+      ds_.array() = (mask_.array() * x_.array()).colwise().sum();
+    } else if (c_.operand == "rows") {
+      y_.array() = (x_.array().colwise() * s_.col(0).array()).max(0.0f);
+      mask_.array() = (y_.array() > 0.0f).cast<float>();
+      dx_.array() = mask_.array().colwise() * s_.col(0).array();
+      ds_.array() = (mask_.array() * x_.array()).rowwise().sum();
+    } else {
+      y_.array() = (x_.array() * s_.array()).max(0.0f);
+      mask_.array() = (y_.array() > 0.0f).cast<float>();
+      dx_.array() = mask_.array() * s_.array();
+      ds_.array() = mask_.array() * x_.array();
+    }
+    return y_.sum();
+  }
+  const Mat& dx() const { return dx_; }
+  const Mat& ds() const { return ds_; }
+
+ private:
+  scale_case c_;
+  Mat x_, s_, y_, mask_, dx_, ds_;
+};
+
+class ad_scale {
+ public:
+  explicit ad_scale(const scale_data& d) : x_(d.x), s_(d.s) {}
+  float step() {
+    x_.zero_grad();
+    s_.zero_grad();
+    tape_.reset();
+    const ckpt::Var<float> loss = ckpt::sum(ckpt::relu(tape_.param(x_) * tape_.param(s_)));
+    tape_.backward(loss);
+    return loss.item();
+  }
+  const ckpt::Parameter<float>& x() const { return x_; }
+  const ckpt::Parameter<float>& s() const { return s_; }
+  const ckpt::Tape<float>& tape() const { return tape_; }
+
+ private:
+  ckpt::Tape<float> tape_;
+  ckpt::Parameter<float> x_, s_;
+};
+
+void verify_scale(const scale_case& c) {
+  const scale_data d(c);
+  hand_scale hand(c, d);
+  ad_scale ad(d);
+  hand.step();
+  ad.step();
+  constexpr float tolerance = 1e-4f;
+  const float ex = relative_error(ad.x().grad(), hand.dx()), es = relative_error(ad.s().grad(), hand.ds());
+  if (!(ex <= tolerance && es <= tolerance)) {
+    std::fprintf(stderr, "bench_tape: gradient check FAILED for scale_%s/%s: dx %.3g, ds %.3g (relative, tolerance %.0e)\n",
+                 c.operand.c_str(), c.args().c_str(), static_cast<double>(ex), static_cast<double>(es), static_cast<double>(tolerance));
+    std::exit(EXIT_FAILURE);
+  }
+}
+
 // ------------------------------------------------------------------ benchmarks
 
 void set_counters(benchmark::State& state, const mlp_size& s, std::size_t peak_bytes) {
@@ -279,6 +371,30 @@ void bm_mlp_ad(benchmark::State& state, mlp_size s) {
 }
 
 const std::vector<mlp_size> sizes = {{16, 256, 64}, {64, 256, 64}, {32, 512, 128}, {64, 16, 4}, {16, 1024, 64}};
+const std::vector<scale_case> scale_cases = {{"cols", 4096, 64}, {"rows", 4096, 64}, {"full", 4096, 64}, {"cols", 64, 4096}};
+
+void bm_scale_hand(benchmark::State& state, scale_case c) {
+  verify_scale(c);
+  const scale_data d(c);
+  hand_scale model(c, d);
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(model.step());
+    benchmark::ClobberMemory();
+  }
+  // y, the mask, dx, ds
+  const std::size_t held = static_cast<std::size_t>(3 * d.x.size() + d.s.size()) * sizeof(float);
+  state.counters["peak_bytes"] = benchmark::Counter(static_cast<double>(held));
+}
+
+void bm_scale_ad(benchmark::State& state, scale_case c) {
+  verify_scale(c);
+  ad_scale model(scale_data{c});
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(model.step());
+    benchmark::ClobberMemory();
+  }
+  state.counters["peak_bytes"] = benchmark::Counter(static_cast<double>(model.tape().peak_bytes()));
+}
 
 double minimum(const std::vector<double>& v) { return v.empty() ? 0.0 : *std::min_element(v.begin(), v.end()); }
 
@@ -291,6 +407,14 @@ void register_all() {
         ->Unit(benchmark::kMicrosecond)
         ->ComputeStatistics("min", minimum);
     benchmark::RegisterBenchmark(("mlp_ad/" + s.args()).c_str(), bm_mlp_ad, s)
+        ->Unit(benchmark::kMicrosecond)
+        ->ComputeStatistics("min", minimum);
+  }
+  for (const scale_case& c : scale_cases) {
+    benchmark::RegisterBenchmark(("scale_" + c.operand + "_hand/" + c.args()).c_str(), bm_scale_hand, c)
+        ->Unit(benchmark::kMicrosecond)
+        ->ComputeStatistics("min", minimum);
+    benchmark::RegisterBenchmark(("scale_" + c.operand + "_ad/" + c.args()).c_str(), bm_scale_ad, c)
         ->Unit(benchmark::kMicrosecond)
         ->ComputeStatistics("min", minimum);
   }
@@ -309,7 +433,11 @@ class ratio_reporter : public benchmark::ConsoleReporter {
       const std::string name = r.run_name.function_name;
       const auto slash = name.find('/');
       if (slash == std::string::npos) continue;
-      auto& slot = times_[name.substr(slash + 1)][name.substr(0, slash)];
+      // Keyed by "<model>/<args>" and then "ad" or "hand": mlp_ad/16/256/64 -> mlp/16/256/64, ad.
+      const std::string variant = name.substr(0, slash);
+      const auto underscore = variant.rfind('_');
+      if (underscore == std::string::npos) continue;
+      auto& slot = times_[variant.substr(0, underscore) + name.substr(slash)][variant.substr(underscore + 1)];
       if (r.run_type == Run::RT_Aggregate) {
         if (r.aggregate_name == "median") {
           slot.real = r.GetAdjustedRealTime();
@@ -330,19 +458,19 @@ class ratio_reporter : public benchmark::ConsoleReporter {
     ConsoleReporter::Finalize();
     bool header = false;
     for (const auto& [args, variants] : times_) {
-      const auto ad = variants.find("mlp_ad"), hand = variants.find("mlp_hand");
+      const auto ad = variants.find("ad"), hand = variants.find("hand");
       if (ad == variants.end() || hand == variants.end() || hand->second.real <= 0 || hand->second.cpu <= 0) continue;
       const times& h = hand->second;
       const times& a = ad->second;
       const bool medians = a.median && h.median;
       if (!header) {
-        std::fprintf(stderr, "\n%s mlp_ad / mlp_hand, time per step in the benchmarks' unit\n",
+        std::fprintf(stderr, "\n%s <model>_ad / <model>_hand, time per step in the benchmarks' unit\n",
                      medians ? "medians of the repetitions:" : "single runs:");
-        std::fprintf(stderr, "%-16s %12s %12s %8s   %12s %12s %8s   %s\n", "layers/width/N", "hand real", "ad real",
+        std::fprintf(stderr, "%-22s %12s %12s %8s   %12s %12s %8s   %s\n", "model/args", "hand real", "ad real",
                      "ad/hand", "hand cpu", "ad cpu", "ad/hand", "ad/hand of the min cpu");
         header = true;
       }
-      std::fprintf(stderr, "%-16s %12.1f %12.1f %8.3f   %12.1f %12.1f %8.3f", args.c_str(), h.real, a.real,
+      std::fprintf(stderr, "%-22s %12.1f %12.1f %8.3f   %12.1f %12.1f %8.3f", args.c_str(), h.real, a.real,
                    a.real / h.real, h.cpu, a.cpu, a.cpu / h.cpu);
       if (h.min_cpu > 0 && a.min_cpu > 0) std::fprintf(stderr, "   %8.3f", a.min_cpu / h.min_cpu);
       std::fprintf(stderr, "\n");
