@@ -1,7 +1,7 @@
 // The code paths of concurrent backends (backend::cuda), run on the CPU: a test backend whose
 // loop primitives run their iterations in an order other than the CPU's (reversed, or
-// forward), within each primitive's contract, and whose add_row_sums and lane groups are
-// those of backend::cuda. Every op's value and
+// forward), within each primitive's contract, and whose add_row_sums, add_column_sums and lane
+// groups are those of backend::cuda. Every op's value and
 // gradients must match the CPU backend (tolerance: the sums run in another order), and the two
 // orders must agree bit for bit: were two iterations to add into one element (a race on a GPU),
 // the sum's rounding would depend on their order.
@@ -33,6 +33,10 @@ struct ordered_cpu : backend::cpu {
   template <class T, class Term>
   static void add_row_sums(T* out, shape s, const Term& term) {  // what backend::cuda runs
     detail::add_row_sums_in_runs<ordered_cpu>(out, s, term);
+  }
+  template <class T, class Term>
+  static void add_column_sums(T* out, shape s, const Term& term) {  // what backend::cuda runs
+    detail::add_column_sums_in_runs<ordered_cpu>(out, s, term);
   }
   /// Four lanes per column, as four threads that take the columns in the same order and meet
   /// at each lane reduction (a warp's shuffles, emulated): a lane that missed its rows, wrote
@@ -109,6 +113,9 @@ TEST_CASE("concurrent code paths: no two loop iterations add into one element (b
   const Mat a = random_matrix(13, 500, 1), col = random_matrix(13, 1, 2), row = random_matrix(1, 500, 3), one = random_matrix(1, 1, 4),
             g = positive(13, 1, 5);
   check_orders<float>("broadcast operands", [](auto&, auto in) { return eval(relu(in[0] * in[1] + in[2] * in[3])); }, {a, col, row, one});
+  // Tall columns: a 1 x cols operand's shares in runs of rows (19 runs of 16 here).
+  check_orders<float>("a 1 x cols operand over tall columns", [](auto&, auto in) { return eval(tanh(in[0] * in[1])); },
+                      {random_matrix(300, 3, 9), random_matrix(1, 3, 10)});
   check_orders<float>("layer_norm", [](auto&, auto in) { return layer_norm(in[0], in[1], in[2]); }, {a, g, col});
   check_orders<float>("cross_entropy", [](auto&, auto in) { return cross_entropy(in[0], std::vector<int>(500, 4)); }, {a});
   check_orders<float>("transpose and slices",

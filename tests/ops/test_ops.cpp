@@ -504,6 +504,27 @@ TEST_CASE("float gradients and column sums do not drift with the length of the s
   ckpt::test::check_long_sums<backend::cpu>(1 << 18);
 }
 
+TEST_CASE("a 1 x cols operand's gradient adds each column in the order of detail/accumulate.hpp") {
+  // Row r into partial sum r mod 8, the eight in order. The CPU's add_column_sums takes a
+  // column's terms through a buffer in blocks of detail::term_block (256) rows: lengths around
+  // the lanes and the blocks. In double, so that another order shows in the last bits.
+  for (const int rows : {2, 7, 9, 255, 256, 257, 1031}) {
+    CAPTURE(rows);
+    const Eigen::MatrixXd x = Eigen::MatrixXd::Random(rows, 3);
+    Tape<double> t;
+    const Var<double> xv = t.variable(x), s = t.variable(Eigen::MatrixXd::Ones(1, 3));
+    t.backward(sum(xv * s));  // each share is g * x = x exactly
+    const Eigen::MatrixXd ds = t.grad(s);
+    for (int c = 0; c < 3; ++c) {
+      double part[8] = {};
+      for (int r = 0; r < rows; ++r) part[r % 8] += x(r, c);
+      double total = 0;
+      for (const double p : part) total += p;
+      CHECK(ds(0, c) == total);
+    }
+  }
+}
+
 TEST_CASE("rowwise: softmax and log_softmax along the features") {
   std::uint64_t seed = 800;
   for (const shape s : test_shapes(8)) {

@@ -1,8 +1,8 @@
-// ckpt — row sums in fixed runs (internal), for backends whose loop iterations run
+// ckpt — row and column sums in fixed runs (internal), for backends whose loop iterations run
 // concurrently: instead of many iterations adding into one element (a race, or atomics whose
-// order varies), each row's terms are split into runs whose split depends on the shapes alone;
-// run k of row r is summed by one call into scratch[r + k * rows], and a column pass
-// (for_each_column, row r's runs as its column) then adds them into out[r]. Terms, runs and
+// order varies), each row's (column's) terms are split into runs whose split depends on the
+// shapes alone; run k of element p is summed by one call into scratch[p + k * elements], and a
+// column pass (for_each_column, element p's runs as its column) then adds them into out[p]. Terms, runs and
 // their total are added in accumulator_t<T> (double for float) and rounded to T once, so the
 // result neither depends on the split beyond a rounding nor drifts with the batch, and it
 // repeats bit for bit.
@@ -24,7 +24,7 @@ inline void split_runs(long elements, long reach, long& runs, long& length) {
 }
 
 /// Run k of element p, scratch[p + k * elements]: element p's runs are a column, which
-/// add_column_sums adds up (a warp's lanes share them on CUDA, so that a few elements with
+/// column_sum_lanes adds up (a warp's lanes share them on CUDA, so that a few elements with
 /// thousands of runs are not added by one thread each).
 template <class A>
 struct run_total {
@@ -60,7 +60,37 @@ void add_row_sums_in_runs(T* out, shape s, const Term& term) {
   using A = accumulator_t<T>;
   A* scratch = B::template scratch<A>(s.rows * runs);
   B::for_each(s.rows * runs, row_run<T, Term>{scratch, term, s.rows, s.cols, length});
-  B::for_each_column(shape{static_cast<int>(runs), s.rows}, add_column_sums<T, run_total<A>>{out, {scratch, s.rows}, runs});
+  B::for_each_column(shape{static_cast<int>(runs), s.rows}, column_sum_lanes<T, run_total<A>>{out, {scratch, s.rows}, runs});
+}
+
+/// Run k of column c: the sum of term(r, c) over its rows, into scratch[c + k * cols].
+template <class T, class Term>
+struct column_run {
+  accumulator_t<T>* scratch;
+  Term term;
+  int rows, cols;
+  long length;
+  CKPT_HOST_DEVICE void operator()(long i) const {
+    const int c = static_cast<int>(i % cols);
+    const long k = i / cols;
+    const long r1 = (k + 1) * length < rows ? (k + 1) * length : rows;
+    accumulator_t<T> acc(0);
+    for (long r = k * length; r < r1; ++r) acc += term(static_cast<int>(r), c);
+    scratch[i] = acc;
+  }
+};
+
+/// out[c] += sum over r of term(r, c), in runs: backend::cuda's add_column_sums. (A warp per
+/// column instead would leave a tall, narrow output, 65536 x 4, to four warps.)
+template <class B, class T, class Term>
+void add_column_sums_in_runs(T* out, shape s, const Term& term) {
+  if (s.size() == 0) return;
+  long runs = 1, length = 1;
+  split_runs(s.cols, s.rows, runs, length);
+  using A = accumulator_t<T>;
+  A* scratch = B::template scratch<A>(s.cols * runs);
+  B::for_each(s.cols * runs, column_run<T, Term>{scratch, term, s.rows, s.cols, length});
+  B::for_each_column(shape{static_cast<int>(runs), s.cols}, column_sum_lanes<T, run_total<A>>{out, {scratch, s.cols}, runs});
 }
 
 }  // namespace ckpt::detail

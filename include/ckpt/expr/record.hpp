@@ -155,7 +155,7 @@ void owner_computes(const E& e, const G& g, shape s) {
     else if (leaf.dims().cols != s.cols)
       B::add_row_sums(leaf.adj, s, share);
     else
-      B::for_each_column(s, ckpt::detail::add_column_sums<T, broadcast_share<K, E, G>>{leaf.adj, share, s.rows});
+      B::add_column_sums(leaf.adj, s, share);
   });
 }
 

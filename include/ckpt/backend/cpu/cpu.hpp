@@ -77,7 +77,7 @@ struct one_lane {
 };
 
 /// Tensors live in host memory; products go to BLAS when CKPT_USE_BLAS is defined. The loops
-/// (for_each, for_each_2d, add_row_sums, sum) run in order on the calling thread: the orders
+/// (for_each, for_each_2d, add_row_sums, add_column_sums, sum) run in order on the calling thread: the orders
 /// they promise are the orders the reverse-mode tests compare bit for bit.
 struct cpu {
   static constexpr const char* name = "cpu";
@@ -167,6 +167,19 @@ struct cpu {
       for (int r = 0; r < s.rows; ++r) total[r] += static_cast<A>(column[r]);
     }
     for (int r = 0; r < s.rows; ++r) out[r] += static_cast<T>(total[r]);
+  }
+  /// out[c] += the sum over r of term(r, c): a column's terms (the gradient of a 1 x cols
+  /// operand, a per-sample scale, over the features), added in the order of
+  /// detail/accumulate.hpp (row r into partial sum r mod 8, in accumulator_t<T>) and rounded
+  /// into out[c] once. The eight partial sums vectorise, where one running sum adds one term
+  /// per add's latency.
+  template <class T, class Term>
+  static void add_column_sums(T* out, shape s, const Term& term) {
+    for (int c = 0; c < s.cols; ++c) {
+      ckpt::detail::lane_accumulator<ckpt::detail::accumulator_t<T>> acc;
+      ckpt::detail::add_column_terms(acc, s.rows, c, term);
+      out[c] += static_cast<T>(acc.total());
+    }
   }
   /// out[0] = finish(sum of term(i) for i < n), added in the order of detail/accumulate.hpp.
   template <class T, class F, class Finish>
