@@ -113,7 +113,11 @@ struct leaf {
     return adj ? 1u << Offset : 0u;
   }
   CKPT_HOST_DEVICE T at(long i) const { return ref.value[i]; }
-  CKPT_HOST_DEVICE T at(int r, int c) const { return ref.value[r * rs + c * cs]; }
+  CKPT_HOST_DEVICE T at(int r, int c) const { return ref.value[offset(r, c)]; }
+  /// (r, c)'s element: `rs ? r : 0`, not `r * rs`, so that the compiler can take the test out
+  /// of a column's loop (one loop version per broadcast pattern, each with plain strides) and
+  /// vectorise it; with r * rs a 1 x cols operand left the loop scalar.
+  CKPT_HOST_DEVICE long offset(int r, int c) const { return (rs ? r : 0) + c * cs; }
   template <unsigned Mask = checked, int Offset = 0>
   CKPT_HOST_DEVICE void back(long i, T g) const {
     if constexpr (Mask == checked) {
@@ -125,9 +129,9 @@ struct leaf {
   template <unsigned Mask = checked, int Offset = 0>
   CKPT_HOST_DEVICE void back(int r, int c, T g) const {
     if constexpr (Mask == checked) {
-      if (adj) adj[r * rs + c * cs] += g;
+      if (adj) adj[offset(r, c)] += g;
     } else if constexpr (selects<Mask, Offset, 1>) {
-      adj[r * rs + c * cs] += g;
+      adj[offset(r, c)] += g;
     }
   }
   template <int K, int Offset = 0>
