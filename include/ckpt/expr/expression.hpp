@@ -114,10 +114,18 @@ struct leaf {
   }
   CKPT_HOST_DEVICE T at(long i) const { return ref.value[i]; }
   CKPT_HOST_DEVICE T at(int r, int c) const { return ref.value[offset(r, c)]; }
-  /// (r, c)'s element: `rs ? r : 0`, not `r * rs`, so that the compiler can take the test out
-  /// of a column's loop (one loop version per broadcast pattern, each with plain strides) and
-  /// vectorise it; with r * rs a 1 x cols operand left the loop scalar.
-  CKPT_HOST_DEVICE long offset(int r, int c) const { return (rs ? r : 0) + c * cs; }
+  /// (r, c)'s element; rs is 1, or 0 along a broadcast column. GCC takes the test in
+  /// `rs ? r : 0` out of a column's loop (one version per broadcast pattern, each with plain
+  /// strides) and vectorises them all, where `r * rs` left a 1 x cols operand's loop scalar
+  /// (9x slower). Clang does not unswitch it, but versions `r * rs` for rs == 1 itself, where
+  /// the test left a rows x 1 operand's loop scalar (3.4x slower). See docs/design/reverse-loops.md.
+  CKPT_HOST_DEVICE long offset(int r, int c) const {
+#if defined(__clang__)
+    return r * rs + c * cs;
+#else
+    return (rs ? r : 0) + c * cs;
+#endif
+  }
   template <unsigned Mask = checked, int Offset = 0>
   CKPT_HOST_DEVICE void back(long i, T g) const {
     if constexpr (Mask == checked) {
