@@ -345,6 +345,28 @@ void expect_usable(Tape<double>& t, const MatT<double>& xm) {
   CHECK(same_bits(t.grad(x), reference_grad(xm)));
 }
 
+V tanh_times_three(const V& a) { return tanh(a) * a * 3.0; }
+
+TEST_CASE("segments: a function, a function pointer and a std::function re-trace as a lambda does") {
+  // checkpoint() reaches the segment through a pointer to the caller's object (forward) and to
+  // the tape's copy (reverse): a function reference decays to a pointer held in a temporary.
+  const MatT<double> xm = random_matrix(5, 3, 21);
+  auto run = [&](auto&& segment) {
+    Tape<double> t;
+    const V x = t.variable(xm);
+    const V loss = sum(checkpoint("f", segment, x));
+    t.backward(loss);
+    CHECK(t.counters().nodes_retraced > 0);
+    return MatT<double>(t.grad(x));
+  };
+  V (*pointer)(const V&) = &tanh_times_three;
+  const std::function<V(const V&)> wrapped = tanh_times_three;
+  CHECK(same_bits(run(tanh_times_three), reference_grad(xm)));
+  CHECK(same_bits(run(pointer), reference_grad(xm)));
+  CHECK(same_bits(run(wrapped), reference_grad(xm)));
+  CHECK(same_bits(run(std::function<V(const V&)>(tanh_times_three)), reference_grad(xm)));  // an rvalue: copied
+}
+
 struct boom : std::runtime_error {
   using std::runtime_error::runtime_error;
 };

@@ -13,8 +13,8 @@
 
 namespace ckpt::detail {
 
-/// How `reach` terms per element are split: enough runs for about 64k calls in all, runs of
-/// at least 16 terms, at most 4096 runs.
+/// How `reach` terms per element are split: enough runs for about 64k calls in all, but at
+/// most ceil(reach / 16) runs (so runs of about 16 terms or more) and at most 4096.
 inline void split_runs(long elements, long reach, long& runs, long& length) {
   runs = (65536 + elements - 1) / (elements > 0 ? elements : 1);
   runs = runs < (reach + 15) / 16 ? runs : (reach + 15) / 16;
