@@ -113,7 +113,7 @@ TEST_CASE("concurrent code paths: no two loop iterations add into one element (b
   const Mat a = random_matrix(13, 500, 1), col = random_matrix(13, 1, 2), row = random_matrix(1, 500, 3), one = random_matrix(1, 1, 4),
             g = positive(13, 1, 5);
   check_orders<float>("broadcast operands", [](auto&, auto in) { return eval(relu(in[0] * in[1] + in[2] * in[3])); }, {a, col, row, one});
-  // Tall columns: a 1 x cols operand's shares in runs of rows (19 runs here: 18 of 16 rows, one of 12).
+  // Tall columns: a 1 x cols operand's shares in runs of rows (19 runs of every 19th row here).
   check_orders<float>("a 1 x cols operand over tall columns", [](auto&, auto in) { return eval(tanh(in[0] * in[1])); },
                       {random_matrix(300, 3, 9), random_matrix(1, 3, 10)});
   check_orders<float>("layer_norm", [](auto&, auto in) { return layer_norm(in[0], in[1], in[2]); }, {a, g, col});

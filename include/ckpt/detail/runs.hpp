@@ -63,21 +63,30 @@ void add_row_sums_in_runs(T* out, shape s, const Term& term) {
   B::for_each_column(shape{static_cast<int>(runs), s.rows}, column_sum_lanes<T, run_total<A>>{out, {scratch, s.rows}, runs});
 }
 
-/// Run k of column c: the sum of term(r, c) over its rows, into scratch[c + k * cols].
+/// Run k of column c: the sum of term(r, c) over the rows r = k, k + runs, k + 2 runs, ...,
+/// into scratch[k + c * runs]. Interleaved, not contiguous: consecutive calls i take
+/// consecutive rows of one column, so that a warp's reads at each step are contiguous (with
+/// runs of consecutive rows they were `length` elements apart).
 template <class T, class Term>
 struct column_run {
   accumulator_t<T>* scratch;
   Term term;
-  int rows, cols;
-  long length;
+  int rows;
+  long runs;
   CKPT_HOST_DEVICE void operator()(long i) const {
-    const int c = static_cast<int>(i % cols);
-    const long k = i / cols;
-    const long r1 = (k + 1) * length < rows ? (k + 1) * length : rows;
+    const long k = i % runs;
+    const int c = static_cast<int>(i / runs);
     accumulator_t<T> acc(0);
-    for (long r = k * length; r < r1; ++r) acc += term(static_cast<int>(r), c);
+    for (long r = k; r < rows; r += runs) acc += term(static_cast<int>(r), c);
     scratch[i] = acc;
   }
+};
+/// Column c's runs, scratch[k + c * runs] for k < runs: a column of their own.
+template <class A>
+struct column_runs {
+  const A* scratch;
+  long runs;
+  CKPT_HOST_DEVICE A operator()(long k, long c) const { return scratch[k + c * runs]; }
 };
 
 /// out[c] += sum over r of term(r, c), in runs: backend::cuda's add_column_sums. (A warp per
@@ -89,8 +98,8 @@ void add_column_sums_in_runs(T* out, shape s, const Term& term) {
   split_runs(s.cols, s.rows, runs, length);
   using A = accumulator_t<T>;
   A* scratch = B::template scratch<A>(s.cols * runs);
-  B::for_each(s.cols * runs, column_run<T, Term>{scratch, term, s.rows, s.cols, length});
-  B::for_each_column(shape{static_cast<int>(runs), s.cols}, column_sum_lanes<T, run_total<A>>{out, {scratch, s.cols}, runs});
+  B::for_each(s.cols * runs, column_run<T, Term>{scratch, term, s.rows, runs});
+  B::for_each_column(shape{static_cast<int>(runs), s.cols}, column_sum_lanes<T, column_runs<A>>{out, {scratch, runs}, runs});
 }
 
 }  // namespace ckpt::detail

@@ -271,7 +271,8 @@ struct cuda {
   static void add_row_sums(T* out, shape s, const Term& term) {
     ckpt::detail::add_row_sums_in_runs<cuda>(out, s, term);
   }
-  /// Column sums in fixed runs the same way: a column's rows split into runs (split_runs).
+  /// Column sums in fixed runs: a column's rows split into interleaved runs (split_runs), so
+  /// that a warp reads consecutive rows; then a warp per column adds its runs.
   template <class T, class Term>
   static void add_column_sums(T* out, shape s, const Term& term) {
     ckpt::detail::add_column_sums_in_runs<cuda>(out, s, term);
