@@ -1,6 +1,6 @@
 // The code paths of concurrent backends (backend::cuda), run on the CPU: a test backend whose
 // loop primitives run their iterations in an order other than the CPU's (reversed, or
-// forward), within each primitive's contract, and whose add_row_sums, add_column_sums and lane
+// forward), within each primitive's contract, and whose add_row_sums, add_broadcast_sums and lane
 // groups are those of backend::cuda. Every op's value and
 // gradients must match the CPU backend (tolerance: the sums run in another order), and the two
 // orders must agree bit for bit: were two iterations to add into one element (a race on a GPU),
@@ -35,8 +35,8 @@ struct ordered_cpu : backend::cpu {
     detail::add_row_sums_in_runs<ordered_cpu>(out, s, term);
   }
   template <class T, class Term>
-  static void add_column_sums(T* out, shape s, const Term& term) {  // what backend::cuda runs
-    detail::add_column_sums_in_runs<ordered_cpu>(out, s, term);
+  static void add_broadcast_sums(T* out, shape leaf, shape s, const Term& term) {  // what backend::cuda runs
+    detail::add_broadcast_sums_in_runs<ordered_cpu>(out, leaf, s, term);
   }
   /// Four lanes per column, as four threads that take the columns in the same order and meet
   /// at each lane reduction (a warp's shuffles, emulated): a lane that missed its rows, wrote

@@ -504,8 +504,8 @@ TEST_CASE("float gradients and column sums do not drift with the length of the s
   ckpt::test::check_long_sums<backend::cpu>(1 << 18);
 }
 
-TEST_CASE("a 1 x cols operand's gradient adds each column in the order of detail/accumulate.hpp") {
-  // Row r into partial sum r mod 8, the eight in order. The CPU's add_column_sums takes a
+TEST_CASE("a 1 x cols or 1 x 1 operand's gradient adds in the order of detail/accumulate.hpp") {
+  // Row r into partial sum r mod 8, the eight in order. The CPU's add_broadcast_sums takes a
   // column's terms through a buffer in blocks of detail::term_block (256) rows: lengths around
   // the lanes and the blocks. In double, so that another order shows in the last bits.
   for (const int rows : {2, 7, 9, 255, 256, 257, 1031}) {
@@ -522,6 +522,15 @@ TEST_CASE("a 1 x cols operand's gradient adds each column in the order of detail
       for (const double p : part) total += p;
       CHECK(ds(0, c) == total);
     }
+    // A 1 x 1 operand: element r + c rows into partial sum (r + c rows) mod 8, across columns.
+    Tape<double> t1;
+    const Var<double> x1 = t1.variable(x), one = t1.variable(Eigen::MatrixXd::Ones(1, 1));
+    t1.backward(sum(x1 * one));
+    double part[8] = {};
+    for (long i = 0; i < x.size(); ++i) part[i % 8] += x(i);
+    double total = 0;
+    for (const double p : part) total += p;
+    CHECK(t1.grad(one)(0, 0) == total);
   }
 }
 

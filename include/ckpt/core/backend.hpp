@@ -2,7 +2,7 @@
 // owns only tensor memory and the kernels that touch it: allocation, copies (within the
 // backend, and to and from the host), products, and the loop primitives every op's forward and
 // reverse are written with (for_each, for_each_2d, for_each_column, add_row_sums,
-// add_column_sums, sum, sum_2d,
+// add_broadcast_sums, sum, sum_2d,
 // and scratch for passes that hand partial results on; see backend/cpu/cpu.hpp for their
 // contracts). Loop iterations may run at the same time (they do on CUDA), so on every backend
 // each op gives every element one writer: no two iterations add into the same element, and

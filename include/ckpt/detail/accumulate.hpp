@@ -84,6 +84,13 @@ accumulator_t<T> lane_sum(shape s, const F& f) {
   return acc.total();
 }
 
+/// What a sum writes into a 1x1 element that it adds into: what it held plus the total.
+template <class T>
+struct added_to {
+  const T* held;
+  CKPT_HOST_DEVICE T operator()(accumulator_t<T> total) const { return held[0] + static_cast<T>(total); }
+};
+
 /// out[j] += the sum of term(i, j) over the `rows` rows of column j, added in accumulator_t<T>
 /// and rounded once: a for_each_column body (the lanes take rows l, l + width, ... and meet in
 /// lanes.sum; lane 0 writes).

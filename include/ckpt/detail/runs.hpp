@@ -89,8 +89,8 @@ struct column_runs {
   CKPT_HOST_DEVICE A operator()(long k, long c) const { return scratch[k + c * runs]; }
 };
 
-/// out[c] += sum over r of term(r, c), in runs: backend::cuda's add_column_sums. (A warp per
-/// column instead would leave a tall, narrow output, 65536 x 4, to four warps.)
+/// out[c] += sum over r of term(r, c), in runs. (A warp per column instead would leave a tall,
+/// narrow output, 65536 x 4, to four warps.)
 template <class B, class T, class Term>
 void add_column_sums_in_runs(T* out, shape s, const Term& term) {
   if (s.size() == 0) return;
@@ -100,6 +100,19 @@ void add_column_sums_in_runs(T* out, shape s, const Term& term) {
   A* scratch = B::template scratch<A>(s.cols * runs);
   B::for_each(s.cols * runs, column_run<T, Term>{scratch, term, s.rows, runs});
   B::for_each_column(shape{static_cast<int>(runs), s.cols}, column_sum_lanes<T, column_runs<A>>{out, {scratch, runs}, runs});
+}
+
+/// A broadcast operand's gradient (see cpu::add_broadcast_sums) by reductions a concurrent
+/// backend runs well: the grid-wide sum for 1 x 1, row runs for rows x 1, column runs for
+/// 1 x cols. backend::cuda's add_broadcast_sums.
+template <class B, class T, class Term>
+void add_broadcast_sums_in_runs(T* out, shape leaf, shape s, const Term& term) {
+  if (leaf.size() == 1)  // also against a column or a row
+    B::sum_2d(out, s, term, added_to<T>{out});
+  else if (leaf.cols != s.cols)
+    add_row_sums_in_runs<B>(out, s, term);
+  else
+    add_column_sums_in_runs<B>(out, s, term);
 }
 
 }  // namespace ckpt::detail

@@ -121,13 +121,6 @@ struct broadcast_share {
     return e.template share<K, 0>(static_cast<int>(r), static_cast<int>(c), g(r + c * rows));
   }
 };
-/// What sum() writes into a 1x1 leaf's adjoint: what it held plus the total.
-template <class T>
-struct added_to {
-  const T* adj;
-  CKPT_HOST_DEVICE T operator()(ckpt::detail::accumulator_t<T> total) const { return adj[0] + static_cast<T>(total); }
-};
-
 /// The reverse of a broadcasting expression. Leaves of the output's shape take one pass over
 /// the output, each element its own writer. A broadcast leaf's element receives a share from
 /// every output element it was broadcast to; those shares are summed by the backend's
@@ -139,7 +132,6 @@ template <class E, class G>
 void owner_computes(const E& e, const G& g, shape s) {
   static_assert(E::leaf_count <= 32, "ckpt: an expression with more than 32 tensor operands");
   using B = backend_of<E>;
-  using T = typename E::value_type;
   E same_shape = e;
   same_shape.visit_leaves([s](auto, auto& leaf) {
     if (leaf.dims() != s) leaf.adj = nullptr;
@@ -149,13 +141,7 @@ void owner_computes(const E& e, const G& g, shape s) {
   all.visit_leaves([&](auto k, auto& leaf) {
     if (!leaf.adj || leaf.dims() == s || leaf.dims().size() == 0) return;
     constexpr int K = decltype(k)::value;
-    const broadcast_share<K, E, G> share{e, g, s.rows};
-    if (leaf.dims().size() == 1)  // also against a column or a row: one grid-wide sum on CUDA
-      B::sum_2d(leaf.adj, s, share, added_to<T>{leaf.adj});
-    else if (leaf.dims().cols != s.cols)
-      B::add_row_sums(leaf.adj, s, share);
-    else
-      B::add_column_sums(leaf.adj, s, share);
+    B::add_broadcast_sums(leaf.adj, leaf.dims(), s, broadcast_share<K, E, G>{e, g, s.rows});
   });
 }
 

@@ -77,7 +77,7 @@ struct one_lane {
 };
 
 /// Tensors live in host memory; products go to BLAS when CKPT_USE_BLAS is defined. The loops
-/// (for_each, for_each_2d, add_row_sums, add_column_sums, sum) run in order on the calling thread: the orders
+/// (for_each, for_each_2d, add_row_sums, add_broadcast_sums, sum) run in order on the calling thread: the orders
 /// they promise are the orders the reverse-mode tests compare bit for bit.
 struct cpu {
   static constexpr const char* name = "cpu";
@@ -168,18 +168,44 @@ struct cpu {
     }
     for (int r = 0; r < s.rows; ++r) out[r] += static_cast<T>(total[r]);
   }
-  /// out[c] += the sum over r of term(r, c): a column's terms (the gradient of a 1 x cols
-  /// operand, a per-sample scale, over the features), added in the order of
-  /// detail/accumulate.hpp (row r into partial sum r mod 8, in accumulator_t<T>) and rounded
-  /// into out[c] once. The eight partial sums vectorise, where one running sum adds one term
-  /// per add's latency.
+  /// A broadcast operand's gradient: out (the operand's adjoint, of shape `leaf`: 1 x 1,
+  /// rows x 1 or 1 x cols) += the sum of term(r, c) over the dimensions along which the operand
+  /// was broadcast to `s`. Each is added in accumulator_t<T> and rounded into out once: a
+  /// 1 x 1's terms in the order of detail/accumulate.hpp (term r + c rows into partial sum
+  /// (r + c rows) mod 8, as sum_2d adds them), a 1 x cols's column by column in that order,
+  /// a rows x 1's row by row in column order (as add_row_sums). One loop computes the terms, a
+  /// block of a column at a time into a buffer: each operand of an expression instantiates it
+  /// once, not once per shape, and it vectorises (the additions that follow do not depend on
+  /// the expression).
   template <class T, class Term>
-  static void add_column_sums(T* out, shape s, const Term& term) {
+  static void add_broadcast_sums(T* out, shape leaf, shape s, const Term& term) {
+    using A = ckpt::detail::accumulator_t<T>;
+    using R = std::remove_cvref_t<decltype(term(0, 0))>;
+    constexpr int block = ckpt::detail::term_block;
+    const bool rows = leaf.size() != 1 && leaf.cols != s.cols, cols = leaf.size() != 1 && !rows;
+    A* total = rows ? buffer<A, 1>(s.rows) : nullptr;
+    if (rows)
+      for (int r = 0; r < s.rows; ++r) total[r] = A(0);
+    ckpt::detail::lane_accumulator<A> acc;
+    R terms[block];
     for (int c = 0; c < s.cols; ++c) {
-      ckpt::detail::lane_accumulator<ckpt::detail::accumulator_t<T>> acc;
-      ckpt::detail::add_column_terms(acc, s.rows, c, term);
-      out[c] += static_cast<T>(acc.total());
+      for (int r0 = 0; r0 < s.rows; r0 += block) {
+        const int n = s.rows - r0 < block ? s.rows - r0 : block;
+        for (int j = 0; j < n; ++j) terms[j] = term(r0 + j, c);
+        if (rows)
+          for (int j = 0; j < n; ++j) total[r0 + j] += static_cast<A>(terms[j]);
+        else
+          acc.add(terms, n);
+      }
+      if (cols) {
+        out[c] += static_cast<T>(acc.total());
+        acc = {};
+      }
     }
+    if (rows)
+      for (int r = 0; r < s.rows; ++r) out[r] += static_cast<T>(total[r]);
+    else if (!cols && s.size() > 0)
+      out[0] += static_cast<T>(acc.total());
   }
   /// out[0] = finish(sum of term(i) for i < n), added in the order of detail/accumulate.hpp.
   template <class T, class F, class Finish>

@@ -271,11 +271,12 @@ struct cuda {
   static void add_row_sums(T* out, shape s, const Term& term) {
     ckpt::detail::add_row_sums_in_runs<cuda>(out, s, term);
   }
-  /// Column sums in fixed runs: a column's rows split into interleaved runs (split_runs), so
-  /// that a warp reads consecutive rows; then a warp per column adds its runs.
+  /// A broadcast operand's gradient (see backend::cpu): the grid-wide sum for 1 x 1, row runs
+  /// for rows x 1, for 1 x cols a column's rows in interleaved runs (a warp reads consecutive
+  /// rows), then a warp per column adding its runs (detail/runs.hpp).
   template <class T, class Term>
-  static void add_column_sums(T* out, shape s, const Term& term) {
-    ckpt::detail::add_column_sums_in_runs<cuda>(out, s, term);
+  static void add_broadcast_sums(T* out, shape leaf, shape s, const Term& term) {
+    ckpt::detail::add_broadcast_sums_in_runs<cuda>(out, leaf, s, term);
   }
   template <class T, class F, class Finish>
   static void sum(T* out, long n, const F& term, const Finish& finish) {
