@@ -77,8 +77,8 @@ struct one_lane {
 };
 
 /// Tensors live in host memory; products go to BLAS when CKPT_USE_BLAS is defined. The loops
-/// (for_each, for_each_2d, add_row_sums, add_broadcast_sums, sum) run in order on the calling thread: the orders
-/// they promise are the orders the reverse-mode tests compare bit for bit.
+/// (for_each, for_each_2d, add_row_sums, add_broadcast_sums, sum) run in order on the calling
+/// thread: the orders they promise are the orders the reverse-mode tests compare bit for bit.
 struct cpu {
   static constexpr const char* name = "cpu";
   static constexpr std::size_t alignment = 64;
@@ -144,7 +144,7 @@ struct cpu {
   static T* scratch(long n) {
     return buffer<T, 0>(n);
   }
-  /// Scratch of its own for each slot: scratch() is slot 0; add_row_sums uses 1 and 2.
+  /// Scratch of its own for each slot: scratch() is slot 0; add_broadcast_sums's row totals 1.
   template <class T, int Slot>
   static T* buffer(long n) {
     thread_local std::vector<T> storage;
@@ -153,20 +153,11 @@ struct cpu {
   }
   /// out[r] += the sum over c of term(r, c): a row's terms over the batch (a bias's
   /// gradient). Here each row adds its terms in increasing c, column by column, in
-  /// accumulator_t<T> (double for float), and the total is rounded into out[r] once.
+  /// accumulator_t<T> (double for float), and the total is rounded into out[r] once: what
+  /// add_broadcast_sums does for a rows x 1 operand.
   template <class T, class Term>
   static void add_row_sums(T* out, shape s, const Term& term) {
-    using A = ckpt::detail::accumulator_t<T>;
-    // A column's terms, then their addition: two loops that vectorise, where one that does
-    // both does not (a relu's select feeding a conversion stays a branch).
-    A* total = buffer<A, 1>(s.rows);
-    T* column = buffer<T, 2>(s.rows);
-    for (int r = 0; r < s.rows; ++r) total[r] = A(0);
-    for (int c = 0; c < s.cols; ++c) {
-      for (int r = 0; r < s.rows; ++r) column[r] = term(r, c);
-      for (int r = 0; r < s.rows; ++r) total[r] += static_cast<A>(column[r]);
-    }
-    for (int r = 0; r < s.rows; ++r) out[r] += static_cast<T>(total[r]);
+    add_sums(out, summed::over_columns, s, term);
   }
   /// A broadcast operand's gradient: out (the operand's adjoint, of shape `leaf`: 1 x 1,
   /// rows x 1 or 1 x cols) += the sum of term(r, c) over the dimensions along which the operand
@@ -179,12 +170,20 @@ struct cpu {
   /// the expression).
   template <class T, class Term>
   static void add_broadcast_sums(T* out, shape leaf, shape s, const Term& term) {
+    const summed over = leaf.size() == 1 ? summed::all : leaf.cols != s.cols ? summed::over_columns : summed::over_rows;
+    add_sums(out, over, s, term);
+  }
+  /// What add_sums sums term(r, c) over: everything into out[0], each row's columns into out[r],
+  /// or each column's rows into out[c].
+  enum class summed { all, over_columns, over_rows };
+  template <class T, class Term>
+  static void add_sums(T* out, summed over, shape s, const Term& term) {
     using A = ckpt::detail::accumulator_t<T>;
     using R = std::remove_cvref_t<decltype(term(0, 0))>;
     constexpr int block = ckpt::detail::term_block;
-    const bool rows = leaf.size() != 1 && leaf.cols != s.cols, cols = leaf.size() != 1 && !rows;
-    A* total = rows ? buffer<A, 1>(s.rows) : nullptr;
-    if (rows)
+    const bool by_row = over == summed::over_columns, by_column = over == summed::over_rows;
+    A* total = by_row ? buffer<A, 1>(s.rows) : nullptr;
+    if (by_row)
       for (int r = 0; r < s.rows; ++r) total[r] = A(0);
     ckpt::detail::lane_accumulator<A> acc;
     R terms[block];
@@ -192,19 +191,19 @@ struct cpu {
       for (int r0 = 0; r0 < s.rows; r0 += block) {
         const int n = s.rows - r0 < block ? s.rows - r0 : block;
         for (int j = 0; j < n; ++j) terms[j] = term(r0 + j, c);
-        if (rows)
+        if (by_row)
           for (int j = 0; j < n; ++j) total[r0 + j] += static_cast<A>(terms[j]);
         else
           acc.add(terms, n);
       }
-      if (cols) {
+      if (by_column) {
         out[c] += static_cast<T>(acc.total());
         acc = {};
       }
     }
-    if (rows)
+    if (by_row)
       for (int r = 0; r < s.rows; ++r) out[r] += static_cast<T>(total[r]);
-    else if (!cols && s.size() > 0)
+    else if (!by_column && s.size() > 0)
       out[0] += static_cast<T>(acc.total());
   }
   /// out[0] = finish(sum of term(i) for i < n), added in the order of detail/accumulate.hpp.
