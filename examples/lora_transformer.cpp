@@ -1,7 +1,7 @@
 // LoRA fine-tuning of a small causal transformer, every block checkpointed.
 //
-// The model: token and positional embeddings (frozen embedding matrices times constant one-hot
-// matrices), `blocks` pre-norm blocks of multi-head causal self-attention and a GELU MLP with
+// The model: token and positional embeddings (columns of the embedding tables looked up with
+// gather_cols, which nn::Embedding wraps), `blocks` pre-norm blocks of multi-head causal self-attention and a GELU MLP with
 // RMS norms and residuals, a final RMS norm and an output layer tied to the token embedding.
 // Attention runs per sequence (slice_cols) and per head (slice_rows): scores = K^T Q / sqrt(dh)
 // (keys x queries) plus a constant causal mask (-1e9 where the key comes after the query),
@@ -56,21 +56,21 @@ constexpr double alpha = 16.0;
 enum class task { copy, reverse };
 
 struct data {
-  Mat tokens, positions;    // one-hot, vocab x N and T x N
+  std::vector<int> tokens, positions;  // one per column: the token, its position in the sequence
   std::vector<int> labels;  // batch * L targets, sequence by sequence
 };
 
 data make_batch(std::mt19937& gen, task tk) {
   std::uniform_int_distribution<int> digit(0, digits - 1);
-  data b{Mat::Zero(vocab, N), Mat::Zero(T, N), {}};
+  data b;
   for (int s = 0; s < batch; ++s) {
     int x[L], y[L];
     for (int i = 0; i < L; ++i) x[i] = digit(gen);
     for (int i = 0; i < L; ++i) y[i] = tk == task::copy ? x[i] : x[L - 1 - i];
     for (int p = 0; p < T; ++p) {
       const int tok = p < L ? x[p] : p == L ? sep : y[p - L - 1];
-      b.tokens(tok, s * T + p) = 1.0f;
-      b.positions(p, s * T + p) = 1.0f;
+      b.tokens.push_back(tok);
+      b.positions.push_back(p);
     }
     for (int i = 0; i < L; ++i) b.labels.push_back(y[i]);
   }
@@ -131,7 +131,7 @@ struct transformer {
     for (int query = 0; query < T; ++query)
       for (int key = query + 1; key < T; ++key) mk(key, query) = -1e9f;
     mask = tape.constant(mk);
-    V h = matmul(embed, tape.constant(b.tokens)) + matmul(pos, tape.constant(b.positions));
+    V h = gather_cols(tape.param(embed), b.tokens) + gather_cols(tape.param(pos), b.positions);
     for (int i = 0; i < blocks; ++i) {
       if (checkpointed)
         h = checkpoint("block", [this, i](const V& x) { return forward_block(i, x); }, h);

@@ -21,4 +21,5 @@
 #include "ckpt/checkpoint/sequential.hpp"
 #include "ckpt/checkpoint/report.hpp"
 #include "ckpt/nn/linear.hpp"
+#include "ckpt/nn/embedding.hpp"
 #include "ckpt/nn/lora.hpp"

@@ -49,6 +49,7 @@ enum class opk : std::uint8_t {
   dropout,
   transpose,
   slice,
+  gather,     // gather_cols(a, labels): columns picked with repeats
   concat,
   const_mul,  // a ⊙ C with C a constant recorded where the op runs (inside a segment, too)
   residual,   // a * 0.5 + tanh(b)
@@ -63,7 +64,7 @@ struct op {
   int p = -1, q = -1;          // parameters
   double s = 0, s2 = 0;
   int i0 = 0, i1 = 0;          // slice range; constant seed
-  std::vector<int> labels;     // cross_entropy
+  std::vector<int> labels;     // cross_entropy; gather: the ids
   std::vector<int> captures;   // chain: outer values the step reads
   int chain = -1;              // chain: index into random_program::chains
   bool tag_t = false, keep_v = false;
@@ -256,6 +257,12 @@ struct generator {
         return push(bd, o, {sa.cols, sa.rows});
       }
       if (k < 85) {
+        if (rng.coin(0.5)) {
+          o.kind = opk::gather;
+          const int n = rng.between(1, 5);
+          for (int j = 0; j < n; ++j) o.labels.push_back(rng.below(sa.cols));
+          return push(bd, o, {sa.rows, n});
+        }
         if (sa.rows < 2) continue;
         o.kind = opk::slice;
         o.i1 = rng.between(1, sa.rows - 1);
@@ -475,6 +482,7 @@ const char* op_name(const op& o) {
     case opk::dropout: return "dropout";
     case opk::transpose: return "transpose";
     case opk::slice: return "slice_rows";
+    case opk::gather: return "gather_cols";
     case opk::concat: return "concat_rows";
     case opk::const_mul: return "const_mul";
     case opk::residual: return "residual";
@@ -607,6 +615,7 @@ struct machine {
       case opk::dropout: y = dropout(a, o.s); break;
       case opk::transpose: y = eval(transpose(a)); break;
       case opk::slice: y = slice_rows(a, o.i0, o.i1); break;
+      case opk::gather: y = gather_cols(a, o.labels); break;
       case opk::concat: y = concat_rows({a, b}); break;
       case opk::const_mul: y = a * t.constant(random_t<T>(a.rows(), a.cols(), static_cast<std::uint64_t>(o.i0))); break;
       case opk::residual: y = o.b >= 0 ? Var<T>(a * T(0.5) + tanh(b)) : Var<T>(a * T(0.5) + tanh(a)); break;

@@ -94,6 +94,14 @@ TEST_CASE("bad input: mismatched shapes name the op and the shapes, record nothi
                          shape_error);
     CHECK_THROWS_WITH_AS(cross_entropy(a, negative), doctest::Contains("label -1 of column 0 is outside [0, 2)"), shape_error);
   }
+  SUBCASE("gather_cols and nn::Embedding ids") {
+    CHECK_THROWS_WITH_AS(gather_cols(a, {0, 3}), doctest::Contains("gather_cols: id 3 of column 1 is outside [0, 3) for a 2x3 tensor"),
+                         shape_error);
+    CHECK_THROWS_WITH_AS(gather_cols(a * 2.0, {-1}), doctest::Contains("gather_cols: id -1 of column 0 is outside [0, 3)"), shape_error);
+    nn::Embedding<double> emb(5, 2);
+    CHECK_THROWS_WITH_AS(emb(tape, {4, 5}), doctest::Contains("embedding: id 5 of column 1 is outside [0, 5) for a 2x5 tensor"),
+                         shape_error);
+  }
   SUBCASE("slice_rows out of range") {
     CHECK_THROWS_WITH_AS(slice_rows(b, 2, 2), doctest::Contains("slice_rows: rows [2, 4) are outside a 3x2 tensor"), shape_error);
     CHECK_THROWS_WITH_AS(slice_rows(b, -1, 2), doctest::Contains("slice_rows: rows [-1, 1) are outside a 3x2 tensor"), shape_error);
@@ -355,6 +363,8 @@ TEST_CASE("misuse: other bad arguments") {
   CHECK_THROWS_WITH_AS(matmul(p, q), doctest::Contains("matmul: no operand is on a tape"), tape_error);
   CHECK_THROWS_WITH_AS(sum(p), doctest::Contains("sum: the operand is not on a tape"), tape_error);
   CHECK_THROWS_WITH_AS(softmax(p), doctest::Contains("softmax: the operand is not on a tape"), tape_error);
+  CHECK_THROWS_WITH_AS(gather_cols(p, {0}), doctest::Contains("gather_cols: the operand is not on a tape; bring a parameter onto one with tape.param(p)"),
+                       tape_error);
   CHECK_THROWS_WITH_AS(static_cast<void>(V(transpose(p))), doctest::Contains("transpose: a parameter is not on a tape"), tape_error);
   CHECK(same());
   // Every one of them is a ckpt::error.

@@ -400,6 +400,52 @@ TEST_CASE("LoRALinear in float inside a checkpoint: bit for bit the plain run, c
   CHECK(close_rel(plain.second.cast<double>(), ld.A().grad(), 1e-5));
 }
 
+// ------------------------------------------------------------------ embeddings
+
+/// A tied-embedding model: tokens looked up in E (features x vocabulary), a layer that adds a
+/// second lookup inside (positions), logits E^T h, cross-entropy.
+V tied_model(Tape<double>& tape, const V& table, const V& positions, nn::Linear<double>& lin, const std::vector<int>& tokens,
+             const std::vector<int>& places, const std::vector<int>& targets, bool checkpointed) {
+  const V h0 = gather_cols(table, tokens);
+  auto block = [&](const V& h, const V& pos) -> V { return tanh(lin(h) + gather_cols(pos, places)); };
+  const V h = checkpointed ? checkpoint("block", block, h0, positions) : block(h0, positions);
+  (void)tape;
+  return cross_entropy(matmul(transpose(table), h), targets);
+}
+
+TEST_CASE("nn::Embedding: a tied table's gradient against finite differences; checkpointed bit for bit the plain run") {
+  const std::vector<int> tokens = {3, 1, 3, 0, 6, 3}, places = {0, 1, 2, 0, 1, 2}, targets = {1, 3, 0, 6, 3, 3};
+  const Mat E = random_matrix(4, 7, 80), P = random_matrix(4, 3, 81);
+  nn::Linear<double> lin(4, 4, 82);
+  expect_grad([&](Tape<double>& t, std::span<const V> v) -> V { return tied_model(t, v[0], v[1], lin, tokens, places, targets, false); },
+              {E, P});
+  auto run = [&](bool checkpointed) {
+    nn::Embedding<double> emb(E), pos(P);
+    lin.zero_grad();
+    Tape<double> tape;
+    tape.backward(tied_model(tape, tape.param(emb.weight()), tape.param(pos.weight()), lin, tokens, places, targets, checkpointed));
+    return std::vector<Mat>{emb.weight().grad(), pos.weight().grad(), lin.weight().grad(), lin.bias().grad()};
+  };
+  const auto plain = run(false), ck = run(true);
+  for (std::size_t i = 0; i < plain.size(); ++i) CHECK(same_bits(plain[i], ck[i]));
+  CHECK(plain[0].col(2).isZero(0.0) == false);  // token 2 is never looked up, but the tied output reads all of E
+  CHECK(plain[1].norm() > 0);
+}
+
+TEST_CASE("nn::Embedding: a vocabulary x features table from a seed, sizes checked") {
+  nn::Embedding<float> a(11, 5, 3), b(11, 5, 3), c(11, 5, 4);
+  CHECK(a.vocabulary() == 11);
+  CHECK(a.features() == 5);
+  CHECK(same_bits(a.weight().value(), b.weight().value()));
+  CHECK(!same_bits(a.weight().value(), c.weight().value()));
+  Tape<float> tape;
+  const Var<float> y = a(tape, {10, 0, 10});
+  CHECK(same_bits(y.value().col(0), a.weight().value().col(10)));
+  CHECK(same_bits(y.value().col(2), a.weight().value().col(10)));
+  CHECK_THROWS_WITH_AS(nn::Embedding<float>(0, 5), doctest::Contains("Embedding: sizes must be positive, got vocabulary 0, features 5"),
+                       shape_error);
+}
+
 // ------------------------------------------------------------------ the frozen W
 
 TEST_CASE("LoRALinear: no gradient buffer is ever allocated or written for W") {

@@ -124,6 +124,8 @@ TEST_CASE("concurrent code paths: no two loop iterations add into one element (b
                         return concat_rows({slice_rows(in[0], 2, 5), eval(transpose(column))});
                       },
                       {a, row});
+  check_orders<float>("gather_cols with repeated ids", [](auto&, auto in) { return gather_cols(in[0], std::vector<int>{3, 1, 3, 3, 0, 1, 499, 3}); },
+                      {a});
   // Columns shorter than the lane group: lanes with no rows still meet at every reduction.
   const Mat short_columns = random_matrix(3, 50, 6), one_row = random_matrix(1, 50, 7);
   check_orders<float>("softmax, 3 rows", [](auto&, auto in) { return softmax(in[0]); }, {short_columns});

@@ -117,11 +117,15 @@ void check_other_ops(int R, int C) {
   same("slice_cols", [](auto&, auto in) { return slice_cols(in[0], 17, 100); }, {a});
   same("concat_rows", [](auto&, auto in) { return concat_rows({in[0], in[1], in[0]}); }, {a, random_matrix(4, C, 8)});
   same("concat_cols", [](auto&, auto in) { return concat_cols({in[0], in[1]}); }, {a, random_matrix(R, 9, 9)});
+  std::vector<int> ids(static_cast<std::size_t>(C + 13));  // repeats, and columns never taken
+  for (std::size_t j = 0; j < ids.size(); ++j) ids[j] = static_cast<int>((j * j) % static_cast<std::size_t>(C - 3));
+  same("gather_cols", [&ids](auto&, auto in) { return gather_cols(in[0], ids); }, {a});
 }
 
 /// Sums over long dimensions in float on backend B against the same program in double on the
 /// CPU: a 1x1, a rows x 1 and a 1 x cols operand's gradient, softmax, log-softmax, the norms
-/// and cross-entropy over long columns, a norm's gain and bias over a long batch. Each sums
+/// and cross-entropy over long columns, a norm's gain and bias over a long batch, the gradient
+/// of a column gathered by a long batch. Each sums
 /// `length` / 4 to `length` terms per result and must stay within 1e-6 of the double result
 /// (16 float ulps). Added one by one in float (before 2026-12-03), every case failed at
 /// `length` = 2^18 by 2x to 20x, except two that are here for their code paths (the 1x1
@@ -151,6 +155,8 @@ void check_long_sums(int length) {
   same("rms_norm over long columns", [](auto&, auto in) { return rms_norm(in[0], in[1]); }, {random_matrix(n, 4, 18), positive(n, 1, 19)});
   same("layer_norm over long columns", [](auto&, auto in) { return layer_norm(in[0], in[1], in[2]); },
        {random_matrix(n, 4, 8), positive(n, 1, 9), random_matrix(n, 1, 10)});
+  same("gather_cols, one column taken by a long batch", [length](auto&, auto in) { return gather_cols(in[0], std::vector<int>(length, 1)); },
+       {positive(4, 3, 20)});
   same("layer_norm gain and bias over the batch", [](auto&, auto in) { return layer_norm(in[0], in[1], in[2]); },
        {random_matrix(32, length / 32, 11), positive(32, 1, 12), random_matrix(32, 1, 13)});  // 32 rows: well conditioned
 }

@@ -1,10 +1,15 @@
-// ckpt — layout ops: transpose, row slicing and row concatenation (attention heads).
+// ckpt — layout ops: transpose, slicing and concatenation (attention heads, sequences), and
+// gathering columns by index (embedding lookups).
 #pragma once
 #include "ckpt/config.hpp"
+#include "ckpt/detail/accumulate.hpp"
 #include "ckpt/ops/operand.hpp"
 
+#include <algorithm>
 #include <initializer_list>
+#include <limits>
 #include <span>
+#include <utility>
 #include <vector>
 
 namespace ckpt {
@@ -171,6 +176,88 @@ struct concat_cols_entry {
   }
 };
 
+/// out(r, j) = x(r, ids[j]).
+template <class T>
+struct gather_column_block {
+  T* out;
+  const T* x;
+  const int* ids;
+  int rows;
+  CKPT_HOST_DEVICE void operator()(int r, int j) const {
+    out[r + static_cast<long>(j) * rows] = x[r + static_cast<long>(ids[j]) * rows];
+  }
+};
+
+/// dx(r, v) += the sum of g(r, j) over the columns j that took column v, in increasing j, in
+/// accumulator_t<T>, rounded once. Element (r, k) handles the k-th distinct id: the columns
+/// that took it are taken[first[k] .. first[k + 1]). No two elements add into one place, so
+/// the result does not depend on the order in which a backend runs them.
+template <class T>
+struct scatter_column_block {
+  T* dx;
+  const T* g;
+  const int* distinct;
+  const int* first;
+  const int* taken;
+  int rows;
+  CKPT_HOST_DEVICE void operator()(int r, int k) const {
+    accumulator_t<T> total(0);
+    for (int p = first[k]; p < first[k + 1]; ++p) total += static_cast<accumulator_t<T>>(g[r + static_cast<long>(taken[p]) * rows]);
+    dx[r + static_cast<long>(distinct[k]) * rows] += static_cast<T>(total);
+  }
+};
+
+/// The index a gather keeps on the backend, as ints: ids (one per output column), then, for
+/// the reverse, the columns sorted by id (`taken`, increasing within an id), where each
+/// distinct id's columns begin (`first`, one more than there are distinct ids) and the
+/// distinct ids.
+struct gather_index {
+  std::vector<int> words;
+  int columns = 0, distinct = 0;
+
+  void build(std::span<const int> ids, bool reverse) {
+    columns = static_cast<int>(ids.size());
+    words.assign(ids.begin(), ids.end());
+    distinct = 0;
+    if (!reverse) return;
+    std::vector<std::pair<int, int>> by_id(ids.size());
+    for (int j = 0; j < columns; ++j) by_id[static_cast<std::size_t>(j)] = {ids[static_cast<std::size_t>(j)], j};
+    std::sort(by_id.begin(), by_id.end());
+    words.resize(static_cast<std::size_t>(2 * columns));
+    std::vector<int> first, distinct_ids;
+    for (int p = 0; p < columns; ++p) {
+      const auto [id, j] = by_id[static_cast<std::size_t>(p)];
+      words[static_cast<std::size_t>(columns + p)] = j;
+      if (p == 0 || id != by_id[static_cast<std::size_t>(p - 1)].first) {
+        first.push_back(p);
+        distinct_ids.push_back(id);
+      }
+    }
+    first.push_back(columns);
+    distinct = static_cast<int>(distinct_ids.size());
+    words.insert(words.end(), first.begin(), first.end());
+    words.insert(words.end(), distinct_ids.begin(), distinct_ids.end());
+  }
+};
+
+template <class T>
+struct gather_cols_entry {
+  operand<T> x;
+  std::uint32_t index;  // the node whose buffer holds the gather_index words
+  std::uint32_t out;
+  int columns, distinct;
+  template <class TapeT>
+  void backward(TapeT& t) const {
+    using B = typename TapeT::backend_type;
+    const T* g = t.adjoint_if(out);
+    if (!g) return;
+    const int* ids = reinterpret_cast<const int*>(static_cast<const void*>(t.node(index).value));
+    const int* taken = ids + columns;
+    const int* first = taken + columns;
+    B::for_each_2d(shape{x.dims.rows, distinct}, scatter_column_block<T>{t.adjoint_of(x), g, first + distinct + 1, first, taken, x.dims.rows});
+  }
+};
+
 }  // namespace detail
 
 template <class X>
@@ -222,6 +309,65 @@ auto slice_cols(X&& xin, int begin, int count) {
   if (!t.is_replayed(out)) Bk::copy(t.node(out).value, x.ref.value + static_cast<long>(begin) * s.rows, static_cast<long>(count) * s.rows);
   if (x.ref.requires_grad) t.push_entry(detail::slice_cols_entry<T>{x.ref, out, begin, count}, first);
   return t.var_of(out);
+}
+
+namespace detail {
+
+/// Throws unless every id picks a column of an `s` tensor; `op` names the op in the message.
+inline void check_gather_ids(shape s, std::span<const int> ids, const char* op) {
+  if (ids.size() > static_cast<std::size_t>(std::numeric_limits<int>::max() / 4 - 1))  // the index holds up to 4 n + 1 ints
+    throw shape_error(cat(op, ": ", ids.size(), " ids are more than its index can hold (", std::numeric_limits<int>::max() / 4 - 1, ")"));
+  for (std::size_t j = 0; j < ids.size(); ++j)
+    if (ids[j] < 0 || ids[j] >= s.cols)
+      throw shape_error(cat(op, ": id ", ids[j], " of column ", j, " is outside [0, ", s.cols, ") for a ", s, " tensor"));
+}
+
+/// gather_cols, with the op name its errors give (nn::Embedding says "embedding").
+template <class X>
+auto record_gather(X&& xin, std::span<const int> ids, const char* op) {
+  const shape s = shape_of(xin, op);
+  check_gather_ids(s, ids, op);
+  auto x = resolve(std::forward<X>(xin), op);
+  auto& t = tape_of(x, op);
+  using T = typename std::remove_reference_t<decltype(t)>::value_type;
+  using B = typename std::remove_reference_t<decltype(t)>::backend_type;
+  static_assert(sizeof(T) >= sizeof(int));
+  const bool grad = x.ref.requires_grad;
+  thread_local gather_index index;
+  index.build(ids, grad);
+  const std::uint32_t first = static_cast<std::uint32_t>(t.node_count());
+  // The index goes to the backend in a node of its own, as cross_entropy's labels do: the
+  // kernels read it there, and the sweep releases it after the entry.
+  const long words = static_cast<long>((index.words.size() * sizeof(int) + sizeof(T) - 1) / sizeof(T));
+  const std::uint32_t stored = t.new_output({1, static_cast<int>(words)}, "gather_cols.index", op_kind::layout, false, false);
+  int* index_buffer = reinterpret_cast<int*>(static_cast<void*>(t.node(stored).value));
+  B::from_host(index_buffer, index.words.data(), static_cast<long>(index.words.size()));
+  const int n = index.columns;
+  const std::uint32_t out = t.new_output({s.rows, n}, "gather_cols", op_kind::layout, grad);
+  if (!t.is_replayed(out)) B::for_each_2d(shape{s.rows, n}, gather_column_block<T>{t.node(out).value, x.ref.value, index_buffer, s.rows});
+  t.set_consumable(out);  // the reverse reads the index, never the gathered values
+  if (grad) t.push_entry(gather_cols_entry<T>{x.ref, stored, out, n, index.distinct}, first);
+  return t.var_of(out);
+}
+}  // namespace detail
+
+/// Columns of x picked by index: out(:, j) = x(:, ids[j]), one id in [0, x.cols()) per output
+/// column; ids may repeat. With x a features x vocabulary table, this is an embedding lookup:
+/// `gather_cols(tape.param(E), tokens)` (nn::Embedding wraps it). The reverse adds each output
+/// column's adjoint into the column it came from; a column taken several times gets the sum
+/// of its adjoints in increasing j, in double for float tensors (see detail/accumulate.hpp),
+/// so repeated ids give the same bits on every backend and in every re-trace.
+template <expr::Operand X>
+auto gather_cols(X&& x, std::span<const int> ids) {
+  return detail::record_gather(std::forward<X>(x), ids, "gather_cols");
+}
+template <expr::Operand X>
+auto gather_cols(X&& x, const std::vector<int>& ids) {
+  return gather_cols(std::forward<X>(x), std::span<const int>(ids));
+}
+template <expr::Operand X>
+auto gather_cols(X&& x, std::initializer_list<int> ids) {
+  return gather_cols(std::forward<X>(x), std::span<const int>(ids.begin(), ids.size()));
 }
 
 namespace detail {
@@ -332,7 +478,7 @@ Var<T, B> concat_rows(const std::vector<Var<T, B>>& parts) {
 // Found by argument-dependent lookup for expression arguments too (expressions live in
 // ckpt::expr), so that `tanh(a + b)` means ckpt::tanh without `using namespace ckpt`.
 namespace expr {
-using ckpt::transpose, ckpt::slice_rows, ckpt::slice_cols;
+using ckpt::transpose, ckpt::slice_rows, ckpt::slice_cols, ckpt::gather_cols;
 }  // namespace expr
 
 }  // namespace ckpt
