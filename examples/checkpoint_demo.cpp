@@ -73,13 +73,14 @@ struct result {
 template <Policy P>
 result train(const task& data) {
   model m(42);
+  optim::SGD<float> sgd(m.params(), {.lr = 0.02});
   Tape<float> tape;
   result r{};
   std::vector<double> times;
   std::size_t calls = 0;
   for (int s = 0; s < steps; ++s) {
     tape.reset();
-    for (auto* p : m.params()) p->zero_grad();
+    sgd.zero_grad();
     calls = 0;
     const auto t0 = std::chrono::steady_clock::now();
     Var<float> x = tape.constant(data.x);
@@ -97,7 +98,7 @@ result train(const task& data) {
     r.peak = std::max(r.peak, tape.peak_bytes());
     if (s == 0)
       for (auto* p : m.params()) r.first_grads.push_back(p->grad());
-    for (auto* p : m.params()) p->value() -= 0.02f * p->grad();  // plain SGD
+    sgd.step();
   }
   r.step_calls = calls;
   std::sort(times.begin() + 2, times.end());  // the first two steps warm the pool and caches

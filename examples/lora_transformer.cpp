@@ -192,33 +192,6 @@ std::vector<Parameter<float>*> trainable(transformer<nn::LoRALinear<float>>& m) 
 
 // ------------------------------------------------------------------ training
 
-/// Adam, in a few lines.
-struct adam {
-  std::vector<Parameter<float>*> params;
-  float lr;
-  std::vector<Mat> m, v;
-  int t = 0;
-  adam(std::vector<Parameter<float>*> p, float rate) : params(std::move(p)), lr(rate) {
-    for (auto* q : params) {
-      m.push_back(Mat::Zero(q->rows(), q->cols()));
-      v.push_back(Mat::Zero(q->rows(), q->cols()));
-    }
-  }
-  void step() {
-    ++t;
-    const float c1 = 1.0f - std::pow(0.9f, static_cast<float>(t)), c2 = 1.0f - std::pow(0.999f, static_cast<float>(t));
-    for (std::size_t i = 0; i < params.size(); ++i) {
-      const auto g = params[i]->grad();
-      m[i] = 0.9f * m[i] + 0.1f * g;
-      v[i] = 0.999f * v[i] + 0.001f * g.cwiseProduct(g);
-      params[i]->value().array() -= lr * (m[i].array() / c1) / ((v[i].array() / c2).sqrt() + 1e-8f);
-    }
-  }
-  void zero_grad() {
-    for (auto* q : params) q->zero_grad();
-  }
-};
-
 struct accuracy {
   double token, sequence;
 };
@@ -250,7 +223,7 @@ accuracy evaluate(transformer<Proj>& m, task tk, int batches, std::uint64_t seed
 }
 
 template <class Proj>
-void train(transformer<Proj>& m, adam& opt, task tk, int steps, std::uint64_t seed, const char* phase) {
+void train(transformer<Proj>& m, optim::Adam<float>& opt, task tk, int steps, std::uint64_t seed, const char* phase) {
   std::mt19937 gen(static_cast<unsigned>(seed));
   Tape<float> tape;
   double running = 0;
@@ -284,7 +257,7 @@ int main() {
   // 1. Pretraining (all weights trainable) on COPY.
   auto base = make_base(1);
   {
-    adam opt(trainable(base), 3e-3f);
+    optim::Adam<float> opt(trainable(base), {.lr = 3e-3});
     std::printf("pretraining on COPY, all weights trainable (%d steps; loss: mean of the last 50 steps)\n", pretrain_steps);
     train(base, opt, task::copy, pretrain_steps, 11, "pretrain");
   }
@@ -294,9 +267,9 @@ int main() {
 
   // 2. LoRA fine-tuning (base frozen) on REVERSE.
   auto lora = make_lora(base, 7);
-  adam opt(trainable(lora), 3e-3f);
+  optim::Adam<float> opt(trainable(lora), {.lr = 3e-3});
   std::size_t trained = 0, frozen = 0;
-  for (auto* p : opt.params) trained += static_cast<std::size_t>(p->rows() * p->cols());
+  for (auto* p : opt.parameters()) trained += static_cast<std::size_t>(p->rows() * p->cols());
   for (auto& b : lora.layers)
     for (auto* l : {&b.q, &b.k, &b.v, &b.o, &b.fc1, &b.fc2}) frozen += static_cast<std::size_t>(l->weight().dims().size() + l->bias().dims().size());
   frozen += static_cast<std::size_t>(d * (vocab + T));
@@ -319,7 +292,7 @@ int main() {
     tape.backward(cross_entropy(lora.logits(tape, b, c == 1), b.labels));
     peak[c] = tape.peak_bytes();
     gemms[c] = tape.counters().gemms;
-    for (auto* p : opt.params) grads[c].push_back(p->grad());
+    for (auto* p : opt.parameters()) grads[c].push_back(p->grad());
   }
   bool same = true;
   for (std::size_t i = 0; i < grads[0].size(); ++i)

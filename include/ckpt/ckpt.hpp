@@ -23,3 +23,5 @@
 #include "ckpt/nn/linear.hpp"
 #include "ckpt/nn/embedding.hpp"
 #include "ckpt/nn/lora.hpp"
+#include "ckpt/optim/sgd.hpp"
+#include "ckpt/optim/adam.hpp"

@@ -1,8 +1,8 @@
 // The CUDA backend against the CPU backend: every op's value and gradient on the same inputs
 // (float within 1e-5, double within 1e-12, relative to the tensor's largest entry), every
 // checkpoint policy bitwise equal to CUDA `none`, repeated runs bitwise equal (no atomics),
-// dropout's masks equal to the CPU's, no cudaMalloc in a training loop's steady state, and
-// CUDA errors as ckpt::cuda_error. Without a CUDA device the binary reports itself skipped
+// dropout's masks and optimizer steps equal to the CPU's, no cudaMalloc in a training loop's
+// steady state, and CUDA errors as ckpt::cuda_error. Without a CUDA device the binary reports itself skipped
 // (exit code 77, which CTest shows as skipped), never passed.
 #include <ckpt/cuda.hpp>
 
@@ -61,6 +61,29 @@ TEST_CASE("nn layers: Linear and LoRALinear on CUDA match the CPU") {
   };
   const auto c = lora_run(cpu{}), g = lora_run(cuda{});
   for (std::size_t k = 0; k < c.size(); ++k) expect_near(g[k], c[k], 1e-5, "LoRA result " + std::to_string(k));
+}
+
+TEST_CASE("optimizers: Adam and SGD steps on CUDA match the CPU's; embedding lookups too") {
+  const std::vector<int> tokens = {5, 1, 5, 0, 9, 5, 2};
+  auto train = [&](auto backend_tag) {
+    using B = decltype(backend_tag);
+    nn::Embedding<float, B> emb(random_matrix(16, 10, 1).cast<float>());
+    nn::Linear<float, B> l(16, 8, 2);
+    optim::Adam<float, B> adam({&emb.weight(), &l.weight()}, {.lr = 0.01, .weight_decay = 0.1});
+    optim::SGD<float, B> sgd({&l.bias()}, {.lr = 0.05, .momentum = 0.9});
+    for (int k = 0; k < 3; ++k) {
+      Tape<float, B> t;
+      t.backward(mean(square(tanh(l(emb(t, tokens))))));
+      adam.step();
+      sgd.step();
+      adam.zero_grad();
+      sgd.zero_grad();
+    }
+    return std::vector<Mat>{emb.weight().to_host().template cast<double>(), l.weight().to_host().template cast<double>(),
+                            l.bias().to_host().template cast<double>()};
+  };
+  const auto c = train(cpu{}), g = train(cuda{});
+  for (std::size_t k = 0; k < c.size(); ++k) expect_near(g[k], c[k], 1e-5, "parameter " + std::to_string(k));
 }
 
 namespace {
@@ -123,6 +146,7 @@ TEST_CASE("offload with several megabyte boundaries in flight: none's gradients 
 
 TEST_CASE("a training loop's steady state calls no cudaMalloc") {
   nn::Linear<float, cuda> l1(64, 128, 1), l2(128, 10, 2);
+  optim::Adam<float, cuda> adam({&l1.weight(), &l1.bias(), &l2.weight(), &l2.bias()});  // its moments: allocated in the first step
   Tape<float, cuda> t;
   const Eigen::MatrixXf x = random_matrix(64, 50, 3).cast<float>();
   std::vector<int> labels(50, 3);
@@ -131,6 +155,8 @@ TEST_CASE("a training loop's steady state calls no cudaMalloc") {
     auto xv = t.constant(x);
     auto h = checkpoint([&](const Var<float, cuda>& v) { return Var<float, cuda>(relu(l1(v))); }, xv);
     t.backward(cross_entropy(l2(h), labels));
+    adam.step();
+    adam.zero_grad();
     // A loop that logs its loss waits here; without it the host may run a step ahead, and an
     // upload may find the previous step's staging buffer still being copied (and add one).
     cuda::synchronize();

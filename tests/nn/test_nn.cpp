@@ -4,6 +4,7 @@
 // gradient buffer ever for the frozen W, merge()/unmerge(), and shape errors.
 #include "support/gradcheck.hpp"
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -444,6 +445,125 @@ TEST_CASE("nn::Embedding: a vocabulary x features table from a seed, sizes check
   CHECK(same_bits(y.value().col(2), a.weight().value().col(10)));
   CHECK_THROWS_WITH_AS(nn::Embedding<float>(0, 5), doctest::Contains("Embedding: sizes must be positive, got vocabulary 0, features 5"),
                        shape_error);
+}
+
+// ------------------------------------------------------------------ optimizers
+
+/// Gives p the gradient g through a tape (loss = sum(p .* g)), as a training step would.
+void set_gradient(Parameter<double>& p, const Mat& g) {
+  p.zero_grad();
+  Tape<double> tape;
+  tape.backward(sum(tape.param(p) * tape.constant(g)));
+}
+
+TEST_CASE("optim::SGD: torch.optim.SGD's recurrence with momentum and weight decay, state kept across steps") {
+  const Mat w0 = random_matrix(3, 4, 90);
+  Parameter<double> w(w0), frozen(random_matrix(2, 2, 91), true);
+  const Mat frozen0 = frozen.to_host();
+  optim::SGD<double> sgd({&w, &frozen}, {.lr = 0.1, .momentum = 0.9, .weight_decay = 0.01});
+  Mat want = w0, v = Mat::Zero(3, 4);
+  for (int k = 0; k < 4; ++k) {
+    const Mat g = random_matrix(3, 4, 92 + static_cast<std::uint64_t>(k));
+    set_gradient(w, g);
+    sgd.step();
+    v = (0.9 * v.array() + (g.array() + 0.01 * want.array())).matrix();
+    want -= 0.1 * v;
+    CHECK(close_rel(w.to_host(), want, 1e-14));
+  }
+  CHECK(sgd.steps() == 4);
+  CHECK(same_bits(frozen.to_host(), frozen0));  // skipped: it has no gradient
+  // Without momentum or decay, a step is w -= lr g exactly.
+  Parameter<double> plain(w0);
+  optim::SGD<double> step_only({&plain}, {.lr = 0.25});
+  const Mat g = random_matrix(3, 4, 99);
+  set_gradient(plain, g);
+  step_only.step();
+  CHECK(same_bits(plain.to_host(), (w0 - 0.25 * g).eval()));
+}
+
+TEST_CASE("optim::Adam: the first step moves each weight by lr against its gradient's sign; decoupled decay shrinks by 1 - lr wd") {
+  const Mat w0 = random_matrix(5, 3, 100);
+  Parameter<double> w(w0);
+  optim::Adam<double> adam({&w}, {.lr = 0.01});
+  const Mat g = random_away_from_zero(5, 3, 101);  // |g| >= 0.2 >> eps, with random signs
+  set_gradient(w, g);
+  adam.step();
+  // m / (1 - b1) = g and sqrt(v / (1 - b2)) = |g|: the step is lr g / (|g| + eps).
+  const Mat moved = w.to_host() - w0;
+  for (int i = 0; i < moved.size(); ++i) CHECK(std::abs(moved(i) + 0.01 * (g(i) > 0 ? 1.0 : -1.0)) <= 1e-9);
+
+  // With zero gradients the moments stay zero: only the decoupled decay acts.
+  Parameter<double> d(w0);
+  optim::Adam<double> decay({&d}, {.lr = 0.1, .weight_decay = 0.5});
+  for (int k = 0; k < 3; ++k) decay.step();
+  CHECK(close_rel(d.to_host(), (w0 * std::pow(1.0 - 0.1 * 0.5, 3)).eval(), 1e-15));
+}
+
+TEST_CASE("optim::Adam: torch.optim.AdamW's update over steps; a parameter unfrozen later starts its own moments and step count") {
+  const Mat w0 = random_matrix(4, 2, 110);
+  Parameter<double> w(w0), late(w0, true);
+  const optim::Adam<double>::options o{.lr = 0.05, .beta1 = 0.8, .beta2 = 0.95, .eps = 1e-6, .weight_decay = 0.1};
+  optim::Adam<double> adam({&w, &late}, o);
+  Mat want = w0, m = Mat::Zero(4, 2), v = Mat::Zero(4, 2);
+  Mat want_late = w0, m_late = Mat::Zero(4, 2), v_late = Mat::Zero(4, 2);
+  int late_steps = 0;
+  auto reference = [&o](Mat& x, Mat& mm, Mat& vv, const Mat& g, int t) {
+    x *= 1.0 - o.lr * o.weight_decay;
+    mm = o.beta1 * mm + (1.0 - o.beta1) * g;
+    vv = (o.beta2 * vv.array() + (1.0 - o.beta2) * g.array().square()).matrix();
+    const double c1 = 1.0 - std::pow(o.beta1, t), c2 = 1.0 - std::pow(o.beta2, t);
+    x = (x.array() - o.lr * (mm.array() / c1) / ((vv.array() / c2).sqrt() + o.eps)).matrix();
+  };
+  for (int k = 1; k <= 5; ++k) {
+    if (k == 3) late.set_frozen(false);
+    const Mat g = random_matrix(4, 2, 111 + static_cast<std::uint64_t>(k));
+    set_gradient(w, g);
+    if (!late.frozen()) set_gradient(late, g);
+    adam.step();
+    reference(want, m, v, g, k);
+    if (!late.frozen()) reference(want_late, m_late, v_late, g, ++late_steps);  // its own steps: t = 1, 2, 3
+    CHECK(close_rel(w.to_host(), want, 1e-13));
+    CHECK(close_rel(late.to_host(), want_late, 1e-13));
+  }
+  CHECK(late_steps == 3);
+  CHECK(adam.steps() == 5);
+}
+
+TEST_CASE("optim: Adam trains a least-squares fit to its solution, in float too") {
+  auto fit = [](auto zero) {
+    using T = decltype(zero);
+    using M = Eigen::Matrix<T, -1, -1>;
+    const M A = random_matrix(3, 6, 120).cast<T>(), X = random_matrix(6, 40, 121).cast<T>();
+    const M Y = A * X;
+    Parameter<T> W(M(M::Zero(3, 6)));
+    optim::Adam<T> adam({&W}, {.lr = 0.02});
+    double loss = 0;
+    for (int k = 0; k < 1500; ++k) {
+      Tape<T> tape;
+      const Var<T> l = mse(matmul(W, tape.constant(X)), tape.constant(Y));
+      tape.backward(l);
+      loss = static_cast<double>(l.item());
+      adam.step();
+      adam.zero_grad();
+    }
+    CAPTURE(loss);
+    CHECK(loss < (std::is_same_v<T, float> ? 1e-8 : 1e-12));
+    CHECK(close_rel(W.to_host().template cast<double>(), A.template cast<double>(), std::is_same_v<T, float> ? 1e-3 : 1e-5));
+  };
+  fit(0.0);
+  fit(0.0f);
+}
+
+TEST_CASE("optim: bad options and parameter lists are errors that name the optimizer") {
+  Parameter<double> p(random_matrix(2, 2, 130));
+  CHECK_THROWS_WITH_AS(optim::Adam<double>({&p}, {.beta1 = 1.0}), doctest::Contains("Adam: beta1 must be in [0, 1), got 1"), ckpt::error);
+  CHECK_THROWS_WITH_AS(optim::Adam<double>({&p}, {.lr = -0.1}), doctest::Contains("Adam: lr must be in [0, inf), got -0.1"), ckpt::error);
+  CHECK_THROWS_WITH_AS(optim::SGD<double>({&p}, {.momentum = -0.5}), doctest::Contains("SGD: momentum must be in [0, 1), got -0.5"),
+                       ckpt::error);
+  CHECK_THROWS_WITH_AS(optim::SGD<double>({&p, nullptr}), doctest::Contains("SGD: parameter 1 is null"), ckpt::error);
+  CHECK_THROWS_WITH_AS(optim::Adam<double>({&p, &p}), doctest::Contains("Adam: parameters 0 and 1 are the same 2x2 parameter"), ckpt::error);
+  optim::Adam<double> adam({&p});
+  CHECK_THROWS_WITH_AS(adam.set_lr(std::nan("")), doctest::Contains("Adam: lr must be in [0, inf), got nan"), ckpt::error);
 }
 
 // ------------------------------------------------------------------ the frozen W
