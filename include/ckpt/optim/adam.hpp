@@ -12,22 +12,24 @@ namespace ckpt::optim {
 
 namespace detail {
 
-/// One Adam step of element i, in the order torch.optim.AdamW computes it:
+/// One Adam step of element i, with the formulas of torch.optim.AdamW (its roundings differ:
+/// PyTorch updates m with lerp and divides before scaling):
 /// w *= 1 - lr decay; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
 /// w -= step_size m / (sqrt(v) / root_c2 + eps), with step_size = lr / (1 - b1^t) and
-/// root_c2 = sqrt(1 - b2^t) (the bias corrections, computed once per step in double).
+/// root_c2 = sqrt(1 - b2^t). Every constant is computed in double and rounded once to T: in
+/// float, 1 - 0.99999f is 1.00136e-5, which would disagree with the bias correction by 0.1 %.
 template <class T>
 struct adam_update {
   T* w;
   const T* g;
   T* m;
   T* v;
-  T shrink, beta1, beta2, step_size, root_c2, eps;
+  T shrink, beta1, beta2, rest1, rest2, step_size, root_c2, eps;  // rest_k = 1 - beta_k
   CKPT_HOST_DEVICE void operator()(long i) const {
     const T gi = g[i];
     const T wi = w[i] * shrink;
-    const T mi = beta1 * m[i] + (T(1) - beta1) * gi;
-    const T vi = beta2 * v[i] + (T(1) - beta2) * gi * gi;
+    const T mi = beta1 * m[i] + rest1 * gi;
+    const T vi = beta2 * v[i] + rest2 * gi * gi;
     m[i] = mi;
     v[i] = vi;
     w[i] = wi - step_size * mi / (fn::sqrt_(vi) / root_c2 + eps);
@@ -38,9 +40,11 @@ struct adam_update {
 
 /// Adam (Kingma and Ba) with bias correction; weight_decay is decoupled, as in AdamW
 /// (Loshchilov and Hutter): it shrinks the weights by lr * weight_decay each step instead of
-/// entering the moments. Updates parameters in place on their backend; frozen parameters are
-/// skipped (their moments are allocated the first time they have a gradient). step() does not
-/// clear the gradients: call zero_grad() before the next step's backward.
+/// entering the moments. Updates parameters in place on their backend. Frozen parameters are
+/// skipped; every other parameter is stepped, with a zero gradient if no backward reached it
+/// (as PyTorch after zero_grad(set_to_none=False)): its moments decay, its weight decays. A
+/// parameter's moments and bias-correction count start at its first step while unfrozen.
+/// step() does not clear the gradients: call zero_grad() before the next step's backward.
 template <class T, Backend B = backend::cpu>
 class Adam {
  public:
@@ -54,6 +58,10 @@ class Adam {
 
   Adam(std::vector<Parameter<T, B>*> params, options o) : params_(std::move(params), "Adam"), o_(o) { check(o_); }
   explicit Adam(std::vector<Parameter<T, B>*> params) : Adam(std::move(params), options{}) {}
+  Adam(Adam&&) noexcept = default;
+  Adam& operator=(Adam&&) noexcept = default;
+  Adam(const Adam&) = delete;  // the moments live on the backend: an optimizer moves, never copies
+  Adam& operator=(const Adam&) = delete;
 
   void step() {
     ++steps_;
@@ -65,7 +73,8 @@ class Adam {
       const T step_size = static_cast<T>(o_.lr / (1.0 - std::pow(o_.beta1, t)));
       const T root_c2 = static_cast<T>(std::sqrt(1.0 - std::pow(o_.beta2, t)));
       B::for_each(p.dims().size(), detail::adam_update<T>{p.value_data(), p.grad_data(), params_.state(i, 0), params_.state(i, 1), shrink,
-                                                          static_cast<T>(o_.beta1), static_cast<T>(o_.beta2), step_size, root_c2,
+                                                          static_cast<T>(o_.beta1), static_cast<T>(o_.beta2), static_cast<T>(1.0 - o_.beta1),
+                                                          static_cast<T>(1.0 - o_.beta2), step_size, root_c2,
                                                           static_cast<T>(o_.eps)});
     }
   }

@@ -11,10 +11,10 @@
 namespace ckpt::optim::detail {
 
 /// The parameters an optimizer updates, each with `Slots` state buffers of its shape (momenta),
-/// allocated and zeroed on the backend the first time the parameter has a gradient to step
-/// with, and its own count of steps taken (as PyTorch's per-parameter state['step']: a
-/// parameter unfrozen later starts its bias corrections at its first step). A frozen parameter
-/// has neither and is skipped.
+/// allocated and zeroed on the backend at the parameter's first step while it is unfrozen (it
+/// has a gradient buffer then), and its own count of steps taken (as PyTorch's per-parameter
+/// state['step']: a parameter unfrozen later starts its bias corrections at its first step).
+/// A frozen parameter has neither and is skipped.
 template <class T, Backend B, int Slots>
 class parameter_states {
  public:

@@ -32,8 +32,9 @@ struct sgd_update {
 }  // namespace detail
 
 /// Updates parameters in place from their gradients (on the parameters' backend; nothing goes
-/// through the host). Frozen parameters are skipped. step() does not clear the gradients:
-/// call zero_grad() before the next step's backward, as with PyTorch.
+/// through the host). Frozen parameters are skipped; every other parameter is stepped, with a
+/// zero gradient if no backward reached it (as PyTorch after zero_grad(set_to_none=False)).
+/// step() does not clear the gradients: call zero_grad() before the next step's backward.
 template <class T, Backend B = backend::cpu>
 class SGD {
  public:
@@ -45,6 +46,10 @@ class SGD {
 
   SGD(std::vector<Parameter<T, B>*> params, options o) : params_(std::move(params), "SGD"), o_(o) { check(o_); }
   explicit SGD(std::vector<Parameter<T, B>*> params) : SGD(std::move(params), options{}) {}
+  SGD(SGD&&) noexcept = default;
+  SGD& operator=(SGD&&) noexcept = default;
+  SGD(const SGD&) = delete;  // the velocities live on the backend: an optimizer moves, never copies
+  SGD& operator=(const SGD&) = delete;
 
   void step() {
     const bool momentum = o_.momentum != 0.0;
