@@ -47,13 +47,26 @@ struct softmax_forward {
   template <class Lanes>
   CKPT_HOST_DEVICE void operator()(long j, const Lanes& lanes) const {
     const long o = j * rows;
-    T mx, sum;
-    const T lse = column_logsumexp(in + o, rows, lanes, mx, sum);
     if (log) {
+      T mx, sum;
+      const T lse = column_logsumexp(in + o, rows, lanes, mx, sum);
       for (int i = lanes.lane(); i < rows; i += lanes.width()) y[o + i] = in[o + i] - lse;
-    } else {
-      for (int i = lanes.lane(); i < rows; i += lanes.width()) y[o + i] = fn::exp_(in[o + i] - mx) / sum;
+      return;
     }
+    // column_logsumexp's max and sum, with each exp(x - max) kept in y for the division: one
+    // exp per element instead of two (the exps were a third of a causal attention layer's
+    // step on the CPU), and the same values, summed in the same order.
+    T mx = -fn::infinity<T>();
+    for (int i = lanes.lane(); i < rows; i += lanes.width()) mx = fn::max_(mx, in[o + i]);
+    mx = lanes.max(mx);
+    accumulator_t<T> total(0);
+    for (int i = lanes.lane(); i < rows; i += lanes.width()) {
+      const T e = fn::exp_(in[o + i] - mx);
+      y[o + i] = e;
+      total += e;
+    }
+    const T sum = static_cast<T>(lanes.sum(total));
+    for (int i = lanes.lane(); i < rows; i += lanes.width()) y[o + i] = y[o + i] / sum;
   }
 };
 
