@@ -5,6 +5,10 @@
 //   mlp_ad/L/W/N     the same model on a ckpt::Tape: zero_grad, reset, forward, backward
 //   scale_<s>_hand/R/C, scale_<s>_ad/R/C   y = relu(x * s), loss = sum(y), with a broadcast
 //                    operand s of shape 1 x C ("cols"), R x 1 ("rows") or R x C ("full")
+//   attention_hand/S/T/d/H, attention_ad/S/T/d/H, attention_sliced/S/T/d/H   causal multi-head
+//                    attention of S sequences of T tokens, width d, H heads, loss = sum(O .* W):
+//                    Eigen per (sequence, head), the tape's attention(), and the tape with a
+//                    slice, product and softmax per sequence and head
 //
 // Model: L layers of width W on a batch of N columns; h_{l+1} = relu(W_l h_l + b_l) for every
 // layer but the last, which is linear; loss = mean((h_L - y)^2) against a fixed target y.
@@ -31,6 +35,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
+#include <limits>
 #include <map>
 #include <random>
 #include <set>
@@ -339,6 +344,153 @@ void verify_scale(const scale_case& c) {
   }
 }
 
+// ------------------------------------------------------------------ attention
+
+/// Causal multi-head attention over `sequences` sequences of T tokens, width d, `heads` heads:
+/// loss = sum(O .* W), O = attention(q, k, v), and the gradients of q, k and v (float).
+struct attention_case {
+  int sequences, T, d, heads;
+  std::string args() const {
+    return std::to_string(sequences) + "/" + std::to_string(T) + "/" + std::to_string(d) + "/" + std::to_string(heads);
+  }
+  int dh() const { return d / heads; }
+  float scale() const { return 1.0f / std::sqrt(static_cast<float>(dh())); }
+};
+
+struct attention_data {
+  Mat q, k, v, w;
+  explicit attention_data(const attention_case& c) {
+    std::mt19937 gen(13);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    const int n = c.sequences * c.T;
+    q = Mat::NullaryExpr(c.d, n, [&] { return u(gen); });
+    k = Mat::NullaryExpr(c.d, n, [&] { return u(gen); });
+    v = Mat::NullaryExpr(c.d, n, [&] { return u(gen); });
+    w = Mat::NullaryExpr(c.d, n, [&] { return u(gen); });
+  }
+};
+
+/// Per (sequence, head) blocks in plain Eigen, the products through the same GEMM:
+/// S = scale K^T Q, masked; P = softmax(S) per column; O = V P. Reverse: dO = W,
+/// dV = dO P^T, dP = V^T dO, dS = P .* (dP - sum_rows(P .* dP)), dQ = scale K dS,
+/// dK = scale Q dS^T. Stores P (the weights) for the reverse, as autograd would.
+class hand_attention {
+ public:
+  hand_attention(const attention_case& c, const attention_data& d)
+      : c_(c), q_(d.q), k_(d.k), v_(d.v), w_(d.w), p_(c.T, c.T * c.heads * c.sequences), o_(d.v), dq_(d.q), dk_(d.k), dv_(d.v),
+        dp_(c.T, c.T) {}
+  float step() {
+    const int T = c_.T, dh = c_.dh(), d = c_.d;
+    const float scale = c_.scale();
+    for (int s = 0; s < c_.sequences; ++s)
+      for (int h = 0; h < c_.heads; ++h) {
+        float* P = p_.data() + static_cast<long>(s * c_.heads + h) * T * T;
+        const long at = static_cast<long>(s) * d * T + h * dh;
+        gemm_backend::gemm(true, false, T, T, dh, scale, k_.data() + at, d, q_.data() + at, d, 0.0f, P, T);
+        Eigen::Map<Mat> Pm(P, T, T);
+        for (int col = 0; col < T; ++col) {
+          for (int r = col + 1; r < T; ++r) Pm(r, col) = -std::numeric_limits<float>::infinity();
+          const float mx = Pm.col(col).maxCoeff();
+          Pm.col(col) = (Pm.col(col).array() - mx).exp().matrix();
+          Pm.col(col) /= Pm.col(col).sum();
+        }
+        gemm_backend::gemm(false, false, dh, T, T, 1.0f, v_.data() + at, d, P, T, 0.0f, o_.data() + at, d);
+      }
+    const float loss = (o_.array() * w_.array()).sum();
+    for (int s = 0; s < c_.sequences; ++s)
+      for (int h = 0; h < c_.heads; ++h) {
+        const float* P = p_.data() + static_cast<long>(s * c_.heads + h) * T * T;
+        const long at = static_cast<long>(s) * d * T + h * dh;
+        gemm_backend::gemm(false, true, dh, T, T, 1.0f, w_.data() + at, d, P, T, 0.0f, dv_.data() + at, d);
+        gemm_backend::gemm(true, false, T, T, dh, 1.0f, v_.data() + at, d, w_.data() + at, d, 0.0f, dp_.data(), T);
+        const Eigen::Map<const Mat> Pm(P, T, T);
+        const Eigen::RowVectorXf dot = (Pm.array() * dp_.array()).colwise().sum();
+        dp_.array() = Pm.array() * (dp_.array().rowwise() - dot.array());  // dS, in place
+        gemm_backend::gemm(false, false, dh, T, T, scale, k_.data() + at, d, dp_.data(), T, 0.0f, dq_.data() + at, d);
+        gemm_backend::gemm(false, true, dh, T, T, scale, q_.data() + at, d, dp_.data(), T, 0.0f, dk_.data() + at, d);
+      }
+    return loss;
+  }
+  const Mat& dq() const { return dq_; }
+  const Mat& dk() const { return dk_; }
+  const Mat& dv() const { return dv_; }
+  std::size_t held_bytes() const { return static_cast<std::size_t>(p_.size() + o_.size() + 3 * dq_.size() + dp_.size()) * sizeof(float); }
+
+ private:
+  attention_case c_;
+  Mat q_, k_, v_, w_, p_, o_, dq_, dk_, dv_, dp_;
+};
+
+/// The tape's attention(), or (`sliced`) the same from per-sequence, per-head slices,
+/// products and concatenations, as a model had to write it before attention() existed.
+class ad_attention {
+ public:
+  ad_attention(const attention_case& c, const attention_data& d, bool sliced)
+      : c_(c), sliced_(sliced), q_(d.q), k_(d.k), v_(d.v), w_(d.w, true), mask_(Mat::Zero(c.T, c.T)) {
+    for (int col = 0; col < c.T; ++col)
+      for (int r = col + 1; r < c.T; ++r) mask_(r, col) = -std::numeric_limits<float>::infinity();
+  }
+  float step() {
+    for (auto* p : {&q_, &k_, &v_}) p->zero_grad();
+    tape_.reset();
+    const ckpt::Var<float> q = tape_.param(q_), k = tape_.param(k_), v = tape_.param(v_);
+    const ckpt::Var<float> o = sliced_ ? sliced(q, k, v) : ckpt::attention(q, k, v, c_.heads, c_.T, true);
+    const ckpt::Var<float> loss = ckpt::sum(o * w_);
+    tape_.backward(loss);
+    return loss.item();
+  }
+  const ckpt::Parameter<float>& q() const { return q_; }
+  const ckpt::Parameter<float>& k() const { return k_; }
+  const ckpt::Parameter<float>& v() const { return v_; }
+  const ckpt::Tape<float>& tape() const { return tape_; }
+
+ private:
+  ckpt::Var<float> sliced(const ckpt::Var<float>& q, const ckpt::Var<float>& k, const ckpt::Var<float>& v) {
+    const ckpt::Var<float> mask = tape_.constant(mask_);
+    std::vector<ckpt::Var<float>> seqs;
+    for (int s = 0; s < c_.sequences; ++s) {
+      const ckpt::Var<float> qs = ckpt::slice_cols(q, s * c_.T, c_.T), ks = ckpt::slice_cols(k, s * c_.T, c_.T),
+                             vs = ckpt::slice_cols(v, s * c_.T, c_.T);
+      std::vector<ckpt::Var<float>> heads;
+      for (int h = 0; h < c_.heads; ++h) {
+        const ckpt::Var<float> qh = ckpt::slice_rows(qs, h * c_.dh(), c_.dh()), kh = ckpt::slice_rows(ks, h * c_.dh(), c_.dh()),
+                               vh = ckpt::slice_rows(vs, h * c_.dh(), c_.dh());
+        const ckpt::Var<float> p = ckpt::softmax(ckpt::matmul(ckpt::transpose(kh), qh) * c_.scale() + mask);
+        heads.push_back(ckpt::matmul(vh, p));
+      }
+      seqs.push_back(ckpt::concat_rows(heads));
+    }
+    return ckpt::concat_cols(seqs);
+  }
+
+  attention_case c_;
+  bool sliced_;
+  ckpt::Tape<float> tape_;
+  ckpt::Parameter<float> q_, k_, v_, w_;
+  Mat mask_;
+};
+
+void verify_attention(const attention_case& c) {
+  static std::set<std::string> verified;
+  if (!verified.insert(c.args()).second) return;
+  const attention_data d(c);
+  hand_attention hand(c, d);
+  hand.step();
+  for (const bool sliced : {false, true}) {
+    ad_attention ad(c, d, sliced);
+    ad.step();
+    constexpr float tolerance = 1e-4f;
+    const float eq = relative_error(ad.q().grad(), hand.dq()), ek = relative_error(ad.k().grad(), hand.dk()),
+                ev = relative_error(ad.v().grad(), hand.dv());
+    if (!(eq <= tolerance && ek <= tolerance && ev <= tolerance)) {
+      std::fprintf(stderr, "bench_tape: gradient check FAILED for attention_%s/%s: dq %.3g, dk %.3g, dv %.3g (relative, tolerance %.0e)\n",
+                   sliced ? "sliced" : "ad", c.args().c_str(), static_cast<double>(eq), static_cast<double>(ek), static_cast<double>(ev),
+                   static_cast<double>(tolerance));
+      std::exit(EXIT_FAILURE);
+    }
+  }
+}
+
 // ------------------------------------------------------------------ benchmarks
 
 void set_counters(benchmark::State& state, const mlp_size& s, std::size_t peak_bytes) {
@@ -398,6 +550,28 @@ void bm_scale_ad(benchmark::State& state, scale_case c) {
   state.counters["peak_bytes"] = benchmark::Counter(static_cast<double>(model.tape().peak_bytes()));
 }
 
+const std::vector<attention_case> attention_cases = {{16, 64, 256, 4}, {32, 12, 48, 4}};
+
+void bm_attention_hand(benchmark::State& state, attention_case c) {
+  verify_attention(c);
+  hand_attention model(c, attention_data{c});
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(model.step());
+    benchmark::ClobberMemory();
+  }
+  state.counters["peak_bytes"] = benchmark::Counter(static_cast<double>(model.held_bytes()));
+}
+
+void bm_attention_tape(benchmark::State& state, attention_case c, bool sliced) {
+  verify_attention(c);
+  ad_attention model(c, attention_data{c}, sliced);
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(model.step());
+    benchmark::ClobberMemory();
+  }
+  state.counters["peak_bytes"] = benchmark::Counter(static_cast<double>(model.tape().peak_bytes()));
+}
+
 double minimum(const std::vector<double>& v) { return v.empty() ? 0.0 : *std::min_element(v.begin(), v.end()); }
 
 void register_all() {
@@ -409,6 +583,17 @@ void register_all() {
         ->Unit(benchmark::kMicrosecond)
         ->ComputeStatistics("min", minimum);
     benchmark::RegisterBenchmark(("mlp_ad/" + s.args()).c_str(), bm_mlp_ad, s)
+        ->Unit(benchmark::kMicrosecond)
+        ->ComputeStatistics("min", minimum);
+  }
+  for (const attention_case& c : attention_cases) {
+    benchmark::RegisterBenchmark(("attention_hand/" + c.args()).c_str(), bm_attention_hand, c)
+        ->Unit(benchmark::kMicrosecond)
+        ->ComputeStatistics("min", minimum);
+    benchmark::RegisterBenchmark(("attention_ad/" + c.args()).c_str(), bm_attention_tape, c, false)
+        ->Unit(benchmark::kMicrosecond)
+        ->ComputeStatistics("min", minimum);
+    benchmark::RegisterBenchmark(("attention_sliced/" + c.args()).c_str(), bm_attention_tape, c, true)
         ->Unit(benchmark::kMicrosecond)
         ->ComputeStatistics("min", minimum);
   }

@@ -1,11 +1,11 @@
 // LoRA fine-tuning of a small causal transformer, every block checkpointed.
 //
 // The model: token and positional embeddings (columns of the embedding tables looked up with
-// gather_cols, which nn::Embedding wraps), `blocks` pre-norm blocks of multi-head causal self-attention and a GELU MLP with
-// RMS norms and residuals, a final RMS norm and an output layer tied to the token embedding.
-// Attention runs per sequence (slice_cols) and per head (slice_rows): scores = K^T Q / sqrt(dh)
-// (keys x queries) plus a constant causal mask (-1e9 where the key comes after the query),
-// softmax over the keys (the rows), heads joined with concat_rows, sequences with concat_cols.
+// gather_cols, which nn::Embedding wraps), `blocks` pre-norm blocks of multi-head causal
+// self-attention and a GELU MLP with RMS norms and residuals, a final RMS norm and an output
+// layer tied to the token embedding. Attention is ckpt::attention: softmax(K^T Q / sqrt(dh)) per
+// sequence and head (keys x queries, keys after the query masked), applied to V, as two
+// batched products and a softmax: three tape entries per block, whatever the batch and heads.
 //
 // Why two phases: LoRA adapts a model that already knows something, so we first make one.
 // 1. "Pretraining": every weight trainable, task COPY: read x_1..x_L, a separator, then
@@ -99,38 +99,20 @@ template <class Proj>
 struct transformer {
   Parameter<float> embed, pos, gf;  // d x vocab, d x T, d x 1
   std::vector<block<Proj>> layers;
-  V mask;  // T x T causal mask on the current step's tape
 
   /// One block: h + attn(norm(h)), then + mlp(norm(.)).
   V forward_block(int i, const V& h) {
     block<Proj>& b = layers[static_cast<std::size_t>(i)];
     const V a = rms_norm(h, b.g1);
     const V q = b.q(a), k = b.k(a), v = b.v(a);
-    const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
-    std::vector<V> seqs;
-    seqs.reserve(batch);
-    for (int s = 0; s < batch; ++s) {
-      const V qs = slice_cols(q, s * T, T), ks = slice_cols(k, s * T, T), vs = slice_cols(v, s * T, T);
-      std::vector<V> per_head;
-      per_head.reserve(heads);
-      for (int j = 0; j < heads; ++j) {
-        const V qh = slice_rows(qs, j * dh, dh), kh = slice_rows(ks, j * dh, dh), vh = slice_rows(vs, j * dh, dh);
-        const V att = softmax(matmul(transpose(kh), qh) * scale + mask);  // keys x queries
-        per_head.push_back(matmul(vh, att));
-      }
-      seqs.push_back(concat_rows(per_head));
-    }
-    const V h1 = h + V(b.o(concat_cols(seqs)));
+    const V att = attention(q, k, v, heads, T, /*causal=*/true);
+    const V h1 = h + V(b.o(att));
     const V m = rms_norm(h1, b.g2);
     return h1 + V(b.fc2(gelu(V(b.fc1(m)))));
   }
 
   /// Logits (vocab x batch * L) at the positions that predict y_1..y_L.
   V logits(Tape<float>& tape, const data& b, bool checkpointed) {
-    Mat mk = Mat::Zero(T, T);
-    for (int query = 0; query < T; ++query)
-      for (int key = query + 1; key < T; ++key) mk(key, query) = -1e9f;
-    mask = tape.constant(mk);
     V h = gather_cols(tape.param(embed), b.tokens) + gather_cols(tape.param(pos), b.positions);
     for (int i = 0; i < blocks; ++i) {
       if (checkpointed)
@@ -138,16 +120,16 @@ struct transformer {
       else
         h = forward_block(i, h);
     }
-    std::vector<V> out;
-    out.reserve(batch);
-    for (int s = 0; s < batch; ++s) out.push_back(slice_cols(h, s * T + L, L));
-    return matmul(transpose(embed), rms_norm(concat_cols(out), gf));
+    std::vector<int> predicting;  // the columns of positions L..2L-1 of each sequence
+    for (int s = 0; s < batch; ++s)
+      for (int i = 0; i < L; ++i) predicting.push_back(s * T + L + i);
+    return matmul(transpose(embed), rms_norm(gather_cols(h, predicting), gf));
   }
 };
 
 transformer<nn::Linear<float>> make_base(std::uint64_t seed) {
   transformer<nn::Linear<float>> m{Parameter<float>(randn(d, vocab, 0.3f, seed)), Parameter<float>(randn(d, T, 0.3f, seed + 1)),
-                                   Parameter<float>(Mat(Mat::Ones(d, 1))), {}, {}};
+                                   Parameter<float>(Mat(Mat::Ones(d, 1))), {}};
   for (int i = 0; i < blocks; ++i) {
     const std::uint64_t s = seed + 100 * static_cast<std::uint64_t>(i + 1);
     m.layers.push_back({nn::Linear<float>(d, d, s), nn::Linear<float>(d, d, s + 1), nn::Linear<float>(d, d, s + 2),
@@ -162,7 +144,7 @@ transformer<nn::Linear<float>> make_base(std::uint64_t seed) {
 transformer<nn::LoRALinear<float>> make_lora(transformer<nn::Linear<float>>& base, std::uint64_t seed) {
   using Lora = nn::LoRALinear<float>;
   transformer<Lora> m{Parameter<float>(Mat(base.embed.value()), true), Parameter<float>(Mat(base.pos.value()), true),
-                      Parameter<float>(Mat(base.gf.value())), {}, {}};
+                      Parameter<float>(Mat(base.gf.value())), {}};
   for (std::size_t i = 0; i < base.layers.size(); ++i) {
     auto& b = base.layers[i];
     const std::uint64_t s = seed + 10 * i;

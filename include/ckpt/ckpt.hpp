@@ -14,6 +14,7 @@
 #include "ckpt/ops/reduce.hpp"
 #include "ckpt/ops/rowwise.hpp"
 #include "ckpt/ops/loss.hpp"
+#include "ckpt/ops/attention.hpp"
 #include "ckpt/checkpoint/save.hpp"
 #include "ckpt/checkpoint/checkpoint.hpp"
 #include "ckpt/checkpoint/policy.hpp"

@@ -102,6 +102,19 @@ TEST_CASE("bad input: mismatched shapes name the op and the shapes, record nothi
     CHECK_THROWS_WITH_AS(emb(tape, {4, 5}), doctest::Contains("embedding: id 5 of column 1 is outside [0, 5) for a 2x5 tensor"),
                          shape_error);
   }
+  SUBCASE("attention heads and sequences") {
+    CHECK_THROWS_WITH_AS(attention_scores(a, c, 1, 1, 1.0), doctest::Contains("attention_scores: q 2x3 and k 2x4 differ"), shape_error);
+    CHECK_THROWS_WITH_AS(attention_scores(a, a, 3, 1, 1.0), doctest::Contains("attention_scores: q 2x3 has 2 rows, which do not split into 3 heads"),
+                         shape_error);
+    CHECK_THROWS_WITH_AS(attention_scores(a, a * 2.0, 1, 2, 1.0),
+                         doctest::Contains("attention_scores: q 2x3 has 3 columns, which are not whole sequences of 2"), shape_error);
+    CHECK_THROWS_WITH_AS(attention_scores(a, a, 0, 3, 1.0), doctest::Contains("attention_scores: heads (0) and seq_len (3) must be positive"),
+                         shape_error);
+    CHECK_THROWS_WITH_AS(attention_output(a, relu(a), 1, 3),
+                         doctest::Contains("attention_output: weights 2x3 do not fit v 2x3 with 1 heads and sequences of 3 (expected 3x3)"),
+                         shape_error);
+    CHECK_THROWS_WITH_AS(attention(a, a, a, 3, 1), doctest::Contains("attention: q 2x3 has 2 rows, which do not split into 3 heads"), shape_error);
+  }
   SUBCASE("slice_rows out of range") {
     CHECK_THROWS_WITH_AS(slice_rows(b, 2, 2), doctest::Contains("slice_rows: rows [2, 4) are outside a 3x2 tensor"), shape_error);
     CHECK_THROWS_WITH_AS(slice_rows(b, -1, 2), doctest::Contains("slice_rows: rows [-1, 1) are outside a 3x2 tensor"), shape_error);

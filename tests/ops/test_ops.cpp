@@ -7,6 +7,7 @@
 #include <array>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <numbers>
 #include <random>
 #include <string>
@@ -729,6 +730,18 @@ TEST_CASE("layout: gather_cols (embedding lookup), repeated and missing ids") {
   }
 }
 
+TEST_CASE("layout: gather_cols with no ids gives a rows x 0 tensor, with and without a reverse") {
+  Tape<double> tape;
+  const V x = tape.variable(random_matrix(3, 4, 1));
+  const V none = gather_cols(x, std::span<const int>());
+  const V from_constant = gather_cols(tape.constant(random_matrix(3, 4, 2)), std::span<const int>());  // no reverse: an empty index
+  CHECK(none.rows() == 3);
+  CHECK(none.cols() == 0);
+  CHECK(from_constant.cols() == 0);
+  tape.backward(sum(x) + sum(none) + sum(from_constant));
+  CHECK(same_bits(tape.grad(x), Mat::Ones(3, 4).eval()));
+}
+
 TEST_CASE("layout: gather_cols adds a repeated column's adjoints in increasing j, in double for float") {
   // Column 1 is taken by every third output column of 3000, column 0 by the others, column 2
   // never. Its gradient must be the sum of the adjoints of the columns that took it, added in
@@ -770,6 +783,105 @@ TEST_CASE("layout: gather_cols from a parameter (an embedding table) accumulates
   const V y = emb(tape, ids);
   CHECK(tape.entry_count() == 0);  // nothing to differentiate: no entry, no index for a reverse
   CHECK(same_bits(y.value(), table(Eigen::all, ids)));
+}
+
+// ------------------------------------------------------------------ attention
+
+namespace {
+
+struct attention_case {
+  int d, heads, T, sequences;
+};
+
+/// The scores K^T Q * scale of every (sequence, head), laid out as attention_scores does.
+Mat scores_ref(const Mat& q, const Mat& k, const attention_case& a, double scale) {
+  const int dh = a.d / a.heads;
+  Mat out(a.T, a.T * a.heads * a.sequences);
+  for (int s = 0; s < a.sequences; ++s)
+    for (int h = 0; h < a.heads; ++h)
+      out.middleCols((s * a.heads + h) * a.T, a.T) =
+          scale * k.block(h * dh, s * a.T, dh, a.T).transpose() * q.block(h * dh, s * a.T, dh, a.T);
+  return out;
+}
+
+/// softmax over the keys of each query, keys after the query left out when causal, then V P.
+Mat attention_ref(const Mat& q, const Mat& k, const Mat& v, const attention_case& a, bool causal) {
+  const int dh = a.d / a.heads, dv = static_cast<int>(v.rows()) / a.heads;
+  const Mat sc = scores_ref(q, k, a, 1.0 / std::sqrt(static_cast<double>(dh)));
+  Mat out(v.rows(), v.cols());
+  for (int s = 0; s < a.sequences; ++s)
+    for (int h = 0; h < a.heads; ++h) {
+      Mat p = sc.middleCols((s * a.heads + h) * a.T, a.T);
+      for (int c = 0; c < a.T; ++c) {
+        const int last = causal ? c : a.T - 1;
+        const double mx = p.col(c).head(last + 1).maxCoeff();
+        double total = 0;
+        for (int r = 0; r < a.T; ++r) total += r <= last ? std::exp(p(r, c) - mx) : 0.0;
+        for (int r = 0; r < a.T; ++r) p(r, c) = r <= last ? std::exp(p(r, c) - mx) / total : 0.0;
+      }
+      out.block(h * dv, s * a.T, dv, a.T) = v.block(h * dv, s * a.T, dv, a.T) * p;
+    }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("attention: scores, output and attention() against per-sequence, per-head products; gradients against finite differences") {
+  std::uint64_t seed = 1490;
+  for (const attention_case a : {attention_case{6, 2, 4, 3}, attention_case{6, 3, 5, 2}, attention_case{4, 1, 1, 3}, attention_case{5, 1, 3, 1}}) {
+    CAPTURE(a.d);
+    CAPTURE(a.heads);
+    CAPTURE(a.T);
+    CAPTURE(a.sequences);
+    const int n = a.T * a.sequences;
+    const Mat q = random_in({a.d, n}, ++seed), k = random_in({a.d, n}, ++seed), v = random_in({2 * a.heads, n}, ++seed);
+    expect_op([a](Tape<double>&, Vs x) -> V { return attention_scores(x[0], x[1], a.heads, a.T, 0.7); }, {q, k}, scores_ref(q, k, a, 0.7));
+    const Mat p = random_in({a.T, a.T * a.heads * a.sequences}, ++seed);
+    Mat mixed(v.rows(), n);
+    for (int s = 0; s < a.sequences; ++s)
+      for (int h = 0; h < a.heads; ++h)
+        mixed.block(2 * h, s * a.T, 2, a.T) = v.block(2 * h, s * a.T, 2, a.T) * p.middleCols((s * a.heads + h) * a.T, a.T);
+    expect_op([a](Tape<double>&, Vs x) -> V { return attention_output(x[0], x[1], a.heads, a.T); }, {v, p}, mixed);
+    for (const bool causal : {false, true}) {
+      CAPTURE(causal);
+      expect_op([a, causal](Tape<double>&, Vs x) -> V { return attention(x[0], x[1], x[2], a.heads, a.T, causal); }, {q, k, v},
+                attention_ref(q, k, v, a, causal));
+      // Self-attention: one tensor as q, k and v (three adjoints into one buffer), expression operands.
+      const Mat x0 = random_in({a.d, n}, ++seed);
+      expect_grad([a, causal](Tape<double>&, Vs x) -> V { return attention(x[0], x[0] * 2.0, tanh(x[0]), a.heads, a.T, causal); }, {x0});
+    }
+  }
+}
+
+TEST_CASE("attention: causal scores are -inf after the query, and no gradient flows through them") {
+  const attention_case a{4, 2, 3, 2};
+  const Mat q = random_matrix(4, 6, 1), k = random_matrix(4, 6, 2), w = random_matrix(3, 12, 3);
+  Tape<double> tape;
+  const V qv = tape.variable(q), kv = tape.variable(k);
+  const V sc = attention_scores(qv, kv, a.heads, a.T, 0.5, true);
+  const Mat want = scores_ref(q, k, a, 0.5);
+  Mat wm = w;  // the adjoint the reverse must use: w with the masked entries zeroed
+  for (int c = 0; c < sc.cols(); ++c)
+    for (int r = 0; r < 3; ++r) {
+      if (r > c % 3) {
+        CHECK(sc.value()(r, c) == -std::numeric_limits<double>::infinity());
+        wm(r, c) = 0;
+      } else {
+        CHECK(std::abs(sc.value()(r, c) - want(r, c)) <= 1e-14);
+      }
+    }
+  tape.retain(sc);
+  tape.backward(sum(sc * tape.constant(w)));  // the loss is -inf; its adjoints are w, finite
+  Mat dq = Mat::Zero(4, 6), dk = Mat::Zero(4, 6);
+  for (int s = 0; s < 2; ++s)
+    for (int h = 0; h < 2; ++h) {
+      const Mat g = wm.middleCols((s * 2 + h) * 3, 3);
+      dq.block(2 * h, 3 * s, 2, 3) = 0.5 * k.block(2 * h, 3 * s, 2, 3) * g;
+      dk.block(2 * h, 3 * s, 2, 3) = 0.5 * q.block(2 * h, 3 * s, 2, 3) * g.transpose();
+    }
+  CHECK(close_rel(tape.grad(qv), dq, 1e-14));
+  CHECK(close_rel(tape.grad(kv), dk, 1e-14));
+  CHECK(tape.counters().gemms == 4 + 8);  // one product per (sequence, head) forward, two in reverse
 }
 
 // ------------------------------------------------------------------ dropout

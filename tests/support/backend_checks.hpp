@@ -120,6 +120,9 @@ void check_other_ops(int R, int C) {
   std::vector<int> ids(static_cast<std::size_t>(C + 13));  // repeats, and columns never taken
   for (std::size_t j = 0; j < ids.size(); ++j) ids[j] = static_cast<int>((j * j) % static_cast<std::size_t>(C - 3));
   same("gather_cols", [&ids](auto&, auto in) { return gather_cols(in[0], ids); }, {a});
+  const Mat q = random_matrix(12, 60, 10), k = random_matrix(12, 60, 11), v = random_matrix(6, 60, 12);  // 3 heads, 6 sequences of 10
+  same("attention", [](auto&, auto in) { return attention(in[0], in[1], in[2], 3, 10); }, {q, k, v});
+  same("causal attention", [](auto&, auto in) { return attention(in[0], in[1], in[2], 3, 10, true); }, {q, k, v});
 }
 
 /// Sums over long dimensions in float on backend B against the same program in double on the

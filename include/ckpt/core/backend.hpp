@@ -1,6 +1,6 @@
 // ckpt — what a backend must provide. The tape and its bookkeeping stay on the host; a backend
 // owns only tensor memory and the kernels that touch it: allocation, copies (within the
-// backend, and to and from the host), products, and the loop primitives every op's forward and
+// backend, and to and from the host), products (gemm, gemm_batched), and the loop primitives every op's forward and
 // reverse are written with (for_each, for_each_2d, for_each_column, add_row_sums,
 // add_broadcast_sums, sum, sum_2d,
 // and scratch for passes that hand partial results on; see backend/cpu/cpu.hpp for their
@@ -30,6 +30,7 @@ concept Backend = requires(std::size_t bytes, void* p, float* f, const float* cf
   B::synchronize();
   { B::offloads } -> std::convertible_to<bool>;
   B::gemm(false, false, 1, 1, 1, 1.0f, cf, 1, cf, 1, 0.0f, f, 1);
+  B::gemm_batched(false, false, 1, 1, 1, 1.0f, cf, 1, n, cf, 1, n, 0.0f, f, 1, n, 1);
 };
 
 }  // namespace ckpt

@@ -67,6 +67,20 @@ TapeT* common_tape(TapeT* a, TapeT* b, const char* op) {
   return a ? a : b;
 }
 
+/// Element (r, c) of an operand broadcast to an expression's shape: rs is 1, or 0 along a
+/// broadcast column; cs is the operand's rows, or 0 along a broadcast row. GCC takes the test
+/// in `rs ? r : 0` out of a column's loop (one version per broadcast pattern, each with plain
+/// strides) and vectorises them all, where `r * rs` left a 1 x cols operand's loop scalar (9x
+/// slower). Clang does not unswitch it, but versions `r * rs` for rs == 1 itself, where the
+/// test left a rows x 1 operand's loop scalar (3.4x slower). See docs/design/reverse-loops.md.
+CKPT_HOST_DEVICE inline long broadcast_offset(int r, int c, long rs, long cs) {
+#if defined(__clang__)
+  return r * rs + c * cs;
+#else
+  return (rs ? r : 0) + c * cs;
+#endif
+}
+
 /// A tensor operand: a Var on a tape, or a parameter's buffers.
 template <class T, class B>
 struct leaf {
@@ -114,18 +128,7 @@ struct leaf {
   }
   CKPT_HOST_DEVICE T at(long i) const { return ref.value[i]; }
   CKPT_HOST_DEVICE T at(int r, int c) const { return ref.value[offset(r, c)]; }
-  /// (r, c)'s element; rs is 1, or 0 along a broadcast column. GCC takes the test in
-  /// `rs ? r : 0` out of a column's loop (one version per broadcast pattern, each with plain
-  /// strides) and vectorises them all, where `r * rs` left a 1 x cols operand's loop scalar
-  /// (9x slower). Clang does not unswitch it, but versions `r * rs` for rs == 1 itself, where
-  /// the test left a rows x 1 operand's loop scalar (3.4x slower). See docs/design/reverse-loops.md.
-  CKPT_HOST_DEVICE long offset(int r, int c) const {
-#if defined(__clang__)
-    return r * rs + c * cs;
-#else
-    return (rs ? r : 0) + c * cs;
-#endif
-  }
+  CKPT_HOST_DEVICE long offset(int r, int c) const { return broadcast_offset(r, c, rs, cs); }
   template <unsigned Mask = checked, int Offset = 0>
   CKPT_HOST_DEVICE void back(long i, T g) const {
     if constexpr (Mask == checked) {
@@ -430,7 +433,7 @@ struct dropout_node {
   }
   CKPT_HOST_DEVICE bool keep(long i) const { return rng::uniform(key, static_cast<std::uint64_t>(i)) >= p; }
   CKPT_HOST_DEVICE T at(long i) const { return keep(i) ? e.at(i) * scale : T(0); }
-  CKPT_HOST_DEVICE T at(int r, int c) const { return keep(r * rs + c * cs) ? e.at(r, c) * scale : T(0); }
+  CKPT_HOST_DEVICE T at(int r, int c) const { return keep(broadcast_offset(r, c, rs, cs)) ? e.at(r, c) * scale : T(0); }
   template <unsigned Mask = checked, int Offset = 0>
   CKPT_HOST_DEVICE void back(long i, T g) const {
     if constexpr (selects<Mask, Offset, leaf_count>)
@@ -439,11 +442,11 @@ struct dropout_node {
   template <unsigned Mask = checked, int Offset = 0>
   CKPT_HOST_DEVICE void back(int r, int c, T g) const {
     if constexpr (selects<Mask, Offset, leaf_count>)
-      if (keep(r * rs + c * cs)) e.template back<Mask, Offset>(r, c, g * scale);
+      if (keep(broadcast_offset(r, c, rs, cs))) e.template back<Mask, Offset>(r, c, g * scale);
   }
   template <int K, int Offset = 0>
   CKPT_HOST_DEVICE T share(int r, int c, T g) const {
-    return keep(r * rs + c * cs) ? e.template share<K, Offset>(r, c, g * scale) : T(0);
+    return keep(broadcast_offset(r, c, rs, cs)) ? e.template share<K, Offset>(r, c, g * scale) : T(0);
   }
 };
 

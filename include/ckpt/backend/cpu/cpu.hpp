@@ -100,6 +100,7 @@ struct cpu {
   }
   template <class T>
   static void copy(T* dst, const T* src, long n) {
+    if (n <= 0) return;  // an empty tensor's buffer may be null, which memcpy must not see
     std::memcpy(dst, src, static_cast<std::size_t>(n) * sizeof(T));
   }
 
@@ -240,6 +241,15 @@ struct cpu {
     }
 #endif
     eigen_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+
+  /// `count` products C_i = alpha * op(A_i) * op(B_i) + beta * C_i, where X_i starts at
+  /// x + i * stride_x (cuBLAS's strided batched GEMM): one GEMM after the other here.
+  template <class T>
+  static void gemm_batched(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* a, int lda, long stride_a, const T* b,
+                           int ldb, long stride_b, T beta, T* c, int ldc, long stride_c, int count) {
+    for (int i = 0; i < count; ++i)
+      gemm(trans_a, trans_b, m, n, k, alpha, a + i * stride_a, lda, b + i * stride_b, ldb, beta, c + i * stride_c, ldc);
   }
 
   template <class T>

@@ -317,6 +317,25 @@ struct cuda {
     else
       cuda_detail::check(cublasDgemm(context().blas(), oa, ob, m, n, k, &alpha, a, lda, b, ldb, &beta, c, ldc), "cublasDgemm");
   }
+  /// `count` products C_i = alpha * op(A_i) * op(B_i) + beta * C_i, X_i at x + i * stride_x,
+  /// in one cuBLAS call on the compute stream.
+  template <class T>
+  static void gemm_batched(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* a, int lda, long stride_a, const T* b,
+                           int ldb, long stride_b, T beta, T* c, int ldc, long stride_c, int count) {
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "ckpt::backend::cuda::gemm_batched: float or double");
+    if (m == 0 || n == 0 || count == 0) return;
+    const cublasOperation_t oa = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, ob = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    lda = std::max(lda, 1);
+    ldb = std::max(ldb, 1);
+    if constexpr (std::is_same_v<T, float>)
+      cuda_detail::check(cublasSgemmStridedBatched(context().blas(), oa, ob, m, n, k, &alpha, a, lda, stride_a, b, ldb, stride_b, &beta, c,
+                                                   ldc, stride_c, count),
+                         "cublasSgemmStridedBatched");
+    else
+      cuda_detail::check(cublasDgemmStridedBatched(context().blas(), oa, ob, m, n, k, &alpha, a, lda, stride_a, b, ldb, stride_b, &beta, c,
+                                                   ldc, stride_c, count),
+                         "cublasDgemmStridedBatched");
+  }
 };
 
 }  // namespace ckpt::backend
