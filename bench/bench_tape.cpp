@@ -414,7 +414,9 @@ class hand_attention {
   const Mat& dq() const { return dq_; }
   const Mat& dk() const { return dk_; }
   const Mat& dv() const { return dv_; }
-  std::size_t held_bytes() const { return static_cast<std::size_t>(p_.size() + o_.size() + 3 * dq_.size() + dp_.size()) * sizeof(float); }
+  /// P, O and a block's dP (not dq, dk, dv: the tape side's are parameter gradients, which its
+  /// peak_bytes does not count either).
+  std::size_t held_bytes() const { return static_cast<std::size_t>(p_.size() + o_.size() + dp_.size()) * sizeof(float); }
 
  private:
   attention_case c_;

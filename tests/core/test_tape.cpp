@@ -114,6 +114,14 @@ TEST_CASE("bad input: mismatched shapes name the op and the shapes, record nothi
                          doctest::Contains("attention_output: weights 2x3 do not fit v 2x3 with 1 heads and sequences of 3 (expected 3x3)"),
                          shape_error);
     CHECK_THROWS_WITH_AS(attention(a, a, a, 3, 1), doctest::Contains("attention: q 2x3 has 2 rows, which do not split into 3 heads"), shape_error);
+    // A bad v is found before the scores and the softmax are recorded.
+    CHECK_THROWS_WITH_AS(attention(a, a, b, 1, 3), doctest::Contains("attention: v 3x2 has 2 columns, which are not whole sequences of 3"),
+                         shape_error);
+    CHECK_THROWS_WITH_AS(attention(c, c, a, 1, 1), doctest::Contains("attention: v 2x3 and q 2x4 have different numbers of tokens"),
+                         shape_error);
+    CHECK_THROWS_WITH_AS(attention(a, a * 2.0, col3 * 1.0, 2, 1), doctest::Contains("attention: v 3x1 has 3 rows, which do not split into 2 heads"),
+                         shape_error);
+    CHECK_THROWS_WITH_AS(attention(a, c, a, 1, 1), doctest::Contains("attention: q 2x3 and k 2x4 differ"), shape_error);
   }
   SUBCASE("slice_rows out of range") {
     CHECK_THROWS_WITH_AS(slice_rows(b, 2, 2), doctest::Contains("slice_rows: rows [2, 4) are outside a 3x2 tensor"), shape_error);

@@ -11,6 +11,7 @@
 #include <numbers>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 using namespace ckpt;
@@ -442,6 +443,16 @@ TEST_CASE("temporaries: what stays and what is freed, and the error for a freed 
     CHECK(close_rel(y.value(), k.value(), 0.0));
     CHECK(h.value().allFinite());  // still readable
   }
+  SUBCASE("softmax frees a temporary input (its reverse reads its output), keeps a named one") {
+    const V p = softmax(matmul(W, x));
+    CHECK(t.bytes() == start + buffer);
+    const V z = matmul(W, x);
+    const V q = log_softmax(z);
+    CHECK(t.bytes() == start + 3 * buffer);
+    CHECK(z.value().allFinite());
+    t.backward(sum(p * q));
+    CHECK(t.grad(W).allFinite());
+  }
   SUBCASE("no gradient flows: the temporary goes as well") {
     const V k = t.constant(random_in({4, 4}, 2403)), u = t.constant(random_in({4, 3}, 2404));
     const std::size_t before = t.bytes();
@@ -851,6 +862,36 @@ TEST_CASE("attention: scores, output and attention() against per-sequence, per-h
       expect_grad([a, causal](Tape<double>&, Vs x) -> V { return attention(x[0], x[0] * 2.0, tanh(x[0]), a.heads, a.T, causal); }, {x0});
     }
   }
+}
+
+TEST_CASE("attention: one Var as q and k; checkpointed and with saved products, bit for bit the plain run") {
+  const attention_case a{6, 3, 4, 2};
+  const Mat x = random_matrix(6, 8, 30), v = random_matrix(3, 8, 31);
+  // The same Var as q and k: both reverse products add into its one adjoint.
+  expect_grad([a](Tape<double>&, Vs in) -> V { return attention_output(in[1], softmax(attention_scores(in[0], in[0], a.heads, a.T, 0.5, true)), a.heads, a.T); },
+              {x, v});
+  auto run = [&](int mode) {  // 0 plain, 1 checkpoint(), 2 checkpoint saving the products
+    Tape<double> tape;
+    const V xv = tape.variable(x), vv = tape.variable(v);
+    auto layer = [&a](const V& h, const V& val) -> V { return tanh(attention(h, h * 2.0, val, a.heads, a.T, true)); };
+    V y;
+    if (mode == 0) y = layer(xv, vv);
+    if (mode == 1) y = checkpoint(layer, xv, vv);
+    if (mode == 2) y = checkpoint<save::matmul>(layer, xv, vv);
+    tape.backward(sum(square(y)));
+    return std::tuple{Mat(tape.grad(xv)), Mat(tape.grad(vv)), tape.counters()};
+  };
+  const auto [x0, v0, c0] = run(0);
+  const auto [x1, v1, c1] = run(1);
+  const auto [x2, v2, c2] = run(2);
+  CHECK(same_bits(x0, x1));
+  CHECK(same_bits(v0, v1));
+  CHECK(same_bits(x0, x2));
+  CHECK(same_bits(v0, v2));
+  const std::size_t products = static_cast<std::size_t>(a.heads * 2);  // per entry: heads x sequences
+  CHECK(c1.gemms == c0.gemms + 2 * products);  // the re-trace redoes the scores and the output
+  CHECK(c2.gemms == c0.gemms);                 // both are products, kept: nothing redone
+  CHECK(c2.nodes_replayed == 2);
 }
 
 TEST_CASE("attention: causal scores are -inf after the query, and no gradient flows through them") {

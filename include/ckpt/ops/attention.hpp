@@ -187,13 +187,19 @@ auto attention_output(V&& vin, P&& pin, int heads, int seq_len) {
 }
 
 /// Multi-head scaled dot-product attention, softmax(K^T Q / sqrt(d / heads)) per sequence and
-/// head, applied to V: three entries (attention_scores, softmax, attention_output). q, k, v:
-/// d x (seq_len * sequences); the result has v's shape.
+/// head, applied to V: three entries (attention_scores, softmax, attention_output). q, k: d x
+/// (seq_len * sequences), v: dv x (seq_len * sequences); the result has v's shape. The scores
+/// are freed once the softmax is computed (neither reverse reads them), so a layer holds the
+/// weights and the output, as the hand-written step does.
 template <expr::Operand Q, expr::Operand K, expr::Operand V>
 auto attention(Q&& q, K&& k, V&& v, int heads, int seq_len, bool causal = false) {
-  const shape sq = detail::shape_of(q, "attention");
-  if (heads < 1 || sq.rows % heads != 0)
-    throw shape_error(detail::cat("attention: q ", sq, " has ", sq.rows, " rows, which do not split into ", heads, " heads"));
+  // Every shape first, so that a bad v throws before the scores and softmax are recorded.
+  const char* op = "attention";
+  const shape sq = detail::shape_of(q, op), sk = detail::shape_of(k, op), sv = detail::shape_of(v, op);
+  if (sq != sk) throw shape_error(detail::cat(op, ": q ", sq, " and k ", sk, " differ"));
+  detail::split_heads(sq, heads, seq_len, op, "q");
+  detail::split_heads(sv, heads, seq_len, op, "v");
+  if (sv.cols != sq.cols) throw shape_error(detail::cat(op, ": v ", sv, " and q ", sq, " have different numbers of tokens"));
   const double scale = 1.0 / std::sqrt(static_cast<double>(sq.rows / heads));
   auto weights = softmax(attention_scores(std::forward<Q>(q), std::forward<K>(k), heads, seq_len, scale, causal));
   return attention_output(std::forward<V>(v), std::move(weights), heads, seq_len);

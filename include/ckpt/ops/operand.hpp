@@ -37,6 +37,16 @@ auto resolve(E&& e, const char* op) {
   return resolve(expr::record(expr::to_expr(std::forward<E>(e), op)), op);
 }
 
+/// After an op whose reverse does not read this operand: frees it if the caller passed a Var
+/// as an rvalue (`softmax(attention_scores(...))`, `std::move(v)`) and this was its one use,
+/// by the rule expressions follow (Tape::consume; docs/design/memory.md). X is the op's
+/// deduced parameter type: a plain Var<T, B> only for an rvalue.
+template <class X, class T, class B>
+void consume_if_temporary(const resolved<T, B>& r) {
+  if constexpr (std::is_same_v<X, Var<T, B>>)
+    if (r.tape) r.tape->consume(r.ref.node);
+}
+
 /// The shape an operand will have once resolved, found without recording anything: ops check
 /// shapes with it at the public edge, before an expression operand is recorded.
 template <class T, class B>

@@ -251,16 +251,23 @@ Var<T, B> norm_impl(const resolved<T, B>& x, const resolved<T, B>& gain, const r
 
 }  // namespace detail
 
-/// softmax over the features (rows) of each column.
+/// softmax over the features (rows) of each column. Its reverse reads only its output, so a
+/// Var passed as a temporary (`softmax(matmul(...))`) is freed once the softmax is computed.
 template <expr::Operand X>
 auto softmax(X&& x) {
-  return detail::softmax_impl(detail::resolve(x, "softmax"), false);
+  const auto r = detail::resolve(x, "softmax");
+  auto y = detail::softmax_impl(r, false);
+  detail::consume_if_temporary<X>(r);
+  return y;
 }
 
-/// log(softmax(x)), computed stably.
+/// log(softmax(x)), computed stably; a temporary input is freed as softmax's is.
 template <expr::Operand X>
 auto log_softmax(X&& x) {
-  return detail::softmax_impl(detail::resolve(x, "log_softmax"), true);
+  const auto r = detail::resolve(x, "log_softmax");
+  auto y = detail::softmax_impl(r, true);
+  detail::consume_if_temporary<X>(r);
+  return y;
 }
 
 /// Layer norm over the features of each column, with gain and bias (rows x 1 each).
