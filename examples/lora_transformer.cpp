@@ -3,9 +3,10 @@
 // The model: token and positional embeddings (columns of the embedding tables looked up with
 // gather_cols, which nn::Embedding wraps), `blocks` pre-norm blocks of multi-head causal
 // self-attention and a GELU MLP with RMS norms and residuals, a final RMS norm and an output
-// layer tied to the token embedding. Attention is ckpt::attention: softmax(K^T Q / sqrt(dh)) per
-// sequence and head (keys x queries, keys after the query masked), applied to V, as two
-// batched products and a softmax: three tape entries per block, whatever the batch and heads.
+// layer tied to the token embedding. Attention is ckpt::attention: softmax(K^T Q / sqrt(dh))
+// per sequence and head (dh = d / heads features; keys x queries, keys after the query
+// masked), applied to V, as two batched products and a softmax: three tape entries per block,
+// whatever the batch and heads.
 //
 // Why two phases: LoRA adapts a model that already knows something, so we first make one.
 // 1. "Pretraining": every weight trainable, task COPY: read x_1..x_L, a separator, then
@@ -47,7 +48,7 @@ constexpr int sep = digits;          // the separator token
 constexpr int vocab = digits + 1;
 constexpr int L = 6;                 // sequence to copy or reverse
 constexpr int T = 2 * L;             // x_1..x_L, sep, y_1..y_{L-1}: positions L..2L-1 predict y_1..y_L
-constexpr int d = 48, heads = 4, dh = d / heads, hidden = 2 * d, blocks = 3;
+constexpr int d = 48, heads = 4, hidden = 2 * d, blocks = 3;  // heads of d / heads = 12 features
 constexpr int batch = 32;            // sequences per step
 constexpr int N = batch * T;         // columns of the activations
 constexpr int pretrain_steps = 300, finetune_steps = 400, rank = 8;
