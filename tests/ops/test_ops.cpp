@@ -923,6 +923,19 @@ TEST_CASE("attention: causal scores are -inf after the query, and no gradient fl
   CHECK(close_rel(tape.grad(qv), dq, 1e-14));
   CHECK(close_rel(tape.grad(kv), dk, 1e-14));
   CHECK(tape.counters().gemms == 4 + 8);  // one product per (sequence, head) forward, two in reverse
+
+  // The reverse's masked copy of the adjoint comes from the tape's pool: counted at the peak
+  // (12 x 3 doubles, rounded to 64 bytes: 320), given back after.
+  auto peak = [&](bool causal) {
+    Tape<double> t;
+    const V x = t.variable(q), y = t.variable(k);
+    t.backward(sum(attention_scores(x, y, a.heads, a.T, 0.5, causal) * t.constant(w)));
+    return std::pair{t.peak_bytes(), t.bytes()};
+  };
+  const auto [causal_peak, causal_after] = peak(true);
+  const auto [plain_peak, plain_after] = peak(false);
+  CHECK(causal_peak == plain_peak + 320);
+  CHECK(causal_after == plain_after);
 }
 
 // ------------------------------------------------------------------ dropout

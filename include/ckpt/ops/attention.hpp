@@ -74,11 +74,23 @@ struct attention_scores_entry {
     if (!ds) return;
     T* dq = t.adjoint_of(q);
     T* dk = t.adjoint_of(k);
+    // The masked copy of the adjoint is a tensor the size of the scores: it comes from the
+    // tape's pool (counted in bytes() and peak_bytes(), reused by later ops in stream order)
+    // and goes back when the products are queued, also if one of them throws.
+    struct pooled {
+      decltype(t.pool())& pool;
+      void* p;
+      std::size_t bytes;
+      ~pooled() {
+        if (p) pool.release(p, bytes);
+      }
+    } masked{t.pool(), nullptr, 0};
     if (causal) {
       const shape s = t.node(out).dims;
-      T* masked = B::template scratch<T>(s.size());
-      B::for_each_2d(s, causal_mask<T>{masked, ds, g.seq_len});
-      ds = masked;
+      masked.bytes = TapeT::bytes_of(s);
+      masked.p = t.pool().acquire(masked.bytes);
+      B::for_each_2d(s, causal_mask<T>{static_cast<T*>(masked.p), ds, g.seq_len});
+      ds = static_cast<const T*>(masked.p);
     }
     const long ss = g.sequence_stride();
     for (int h = 0; h < g.heads; ++h) {
