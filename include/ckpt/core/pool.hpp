@@ -101,6 +101,27 @@ class buffer_pool {
     }
   }
 
+  /// A buffer taken for the length of a scope (a pass's temporary the size of a tensor),
+  /// counted like any other and given back when the scope ends, also by an exception. On a
+  /// device backend the release only returns it to the pool: a later acquire reuses it in
+  /// stream order, after the work queued on it.
+  class lease {
+   public:
+    lease(buffer_pool& pool, std::size_t bytes) : pool_(pool), bytes_(bytes), p_(pool.acquire(bytes)) {}
+    lease(const lease&) = delete;
+    lease& operator=(const lease&) = delete;
+    ~lease() { pool_.release(p_, bytes_); }
+    template <class T>
+    T* as() const {
+      return static_cast<T*>(p_);
+    }
+
+   private:
+    buffer_pool& pool_;
+    std::size_t bytes_;
+    void* p_;
+  };
+
   /// Whether a free buffer of this size is cached (so that acquire would not allocate).
   bool cached(std::size_t bytes) const {
     const std::size_t size = rounded(std::max<std::size_t>(bytes, 1));

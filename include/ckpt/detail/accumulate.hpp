@@ -84,6 +84,15 @@ accumulator_t<T> lane_sum(shape s, const F& f) {
   return acc.total();
 }
 
+/// What a broadcast operand's gradient sums its terms term(r, c) over: everything (a 1 x 1
+/// operand), each row's columns (rows x 1), or each column's rows (1 x cols).
+enum class summed { all, over_columns, over_rows };
+/// Which of those an operand of shape `leaf`, broadcast to `s`, takes: the one decision every
+/// backend's add_broadcast_sums makes.
+inline summed summed_for(shape leaf, shape s) {
+  return leaf.size() == 1 ? summed::all : leaf.cols != s.cols ? summed::over_columns : summed::over_rows;
+}
+
 /// What a sum writes into a 1x1 element that it adds into: what it held plus the total.
 template <class T>
 struct added_to {

@@ -107,12 +107,11 @@ void add_column_sums_in_runs(T* out, shape s, const Term& term) {
 /// 1 x cols. backend::cuda's add_broadcast_sums.
 template <class B, class T, class Term>
 void add_broadcast_sums_in_runs(T* out, shape leaf, shape s, const Term& term) {
-  if (leaf.size() == 1)  // also against a column or a row
-    B::sum_2d(out, s, term, added_to<T>{out});
-  else if (leaf.cols != s.cols)
-    add_row_sums_in_runs<B>(out, s, term);
-  else
-    add_column_sums_in_runs<B>(out, s, term);
+  switch (summed_for(leaf, s)) {
+    case summed::all: B::sum_2d(out, s, term, added_to<T>{out}); break;  // also against a column or a row
+    case summed::over_columns: add_row_sums_in_runs<B>(out, s, term); break;
+    case summed::over_rows: add_column_sums_in_runs<B>(out, s, term); break;
+  }
 }
 
 }  // namespace ckpt::detail

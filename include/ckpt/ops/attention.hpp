@@ -15,21 +15,45 @@
 #include "ckpt/ops/rowwise.hpp"
 
 #include <cmath>
+#include <optional>
+#include <type_traits>
 
 namespace ckpt {
 
 namespace detail {
+
+/// One operand of attention's batched products: the block of sequence s and head h is the
+/// matrix at p + h * head_step + s * stride, with leading dimension ld.
+template <class P>
+struct head_view {
+  P* p;
+  int ld;
+  long head_step, stride;
+  P* at(int h) const { return p + h * head_step; }
+  operator head_view<const P>() const  // NOLINT: a written view is also readable
+    requires(!std::is_const_v<P>)
+  {
+    return {p, ld, head_step, stride};
+  }
+};
 
 /// The batched-head geometry of a d x (T * sequences) tensor.
 struct head_blocks {
   int heads, seq_len, sequences;
   int width;  // rows of a head: d / heads
   int rows;   // d
-  long head_rows_offset(int h) const { return static_cast<long>(h) * width; }
-  long sequence_stride() const { return static_cast<long>(rows) * seq_len; }
-  long score_offset(int h) const { return static_cast<long>(h) * seq_len * seq_len; }
-  long score_stride() const { return static_cast<long>(heads) * seq_len * seq_len; }
   int products() const { return heads * sequences; }
+  /// A d x (T * sequences) tensor (q, k, v, the output): head h's rows of sequence s's columns.
+  template <class P>
+  head_view<P> tokens(P* p) const {
+    return {p, rows, width, static_cast<long>(rows) * seq_len};
+  }
+  /// The T x (T * heads * sequences) scores or weights: block (s, h), keys x queries.
+  template <class P>
+  head_view<P> scores(P* p) const {
+    const long block = static_cast<long>(seq_len) * seq_len;
+    return {p, seq_len, block, heads * block};
+  }
 };
 
 /// Checks that an `s` tensor splits into `heads` heads of rows and whole sequences of
@@ -41,6 +65,23 @@ inline head_blocks split_heads(shape s, int heads, int seq_len, const char* op, 
   if (s.cols % seq_len != 0)
     throw shape_error(cat(op, ": ", what, " ", s, " has ", s.cols, " columns, which are not whole sequences of ", seq_len));
   return {heads, seq_len, s.cols / seq_len, s.rows / heads, s.rows};
+}
+
+/// q and k's geometry: equal shapes that split into heads and sequences.
+inline head_blocks query_key_blocks(shape sq, shape sk, int heads, int seq_len, const char* op) {
+  if (sq != sk) throw shape_error(cat(op, ": q ", sq, " and k ", sk, " differ"));
+  return split_heads(sq, heads, seq_len, op, "q");
+}
+
+/// C(s, h) = alpha op(A(s, h)) op(B(s, h)) + beta C(s, h) for every sequence s and head h: one
+/// batched product per head, over the sequences (a head's rows are a second stride that one
+/// strided batch cannot take). Counted as heads x sequences products.
+template <class B, class TapeT, class T>
+void per_head_products(TapeT& t, const head_blocks& g, bool ta, bool tb, int m, int n, int k, T alpha,
+                       std::type_identity_t<head_view<const T>> a, std::type_identity_t<head_view<const T>> b, T beta, head_view<T> c) {
+  for (int h = 0; h < g.heads; ++h)
+    B::gemm_batched(ta, tb, m, n, k, alpha, a.at(h), a.ld, a.stride, b.at(h), b.ld, b.stride, beta, c.at(h), c.ld, c.stride, g.sequences);
+  t.counters().gemms += static_cast<std::size_t>(g.products());
 }
 
 /// Sets the scores of keys after their query to -infinity (forward), or copies an adjoint with
@@ -60,6 +101,7 @@ struct causal_mask {
   }
 };
 
+/// Reverse of S = scale K^T Q per block: dQ += scale K dS, dK += scale Q dS^T.
 template <class T>
 struct attention_scores_entry {
   operand<T> q, k;
@@ -74,35 +116,22 @@ struct attention_scores_entry {
     if (!ds) return;
     T* dq = t.adjoint_of(q);
     T* dk = t.adjoint_of(k);
-    // The masked copy of the adjoint is a tensor the size of the scores: it comes from the
-    // tape's pool (counted in bytes() and peak_bytes(), reused by later ops in stream order)
-    // and goes back when the products are queued, also if one of them throws.
-    struct pooled {
-      decltype(t.pool())& pool;
-      void* p;
-      std::size_t bytes;
-      ~pooled() {
-        if (p) pool.release(p, bytes);
-      }
-    } masked{t.pool(), nullptr, 0};
+    const shape s = t.node(out).dims;
+    // Causal: the products read a copy of the adjoint with the masked entries zeroed, a
+    // temporary the size of the scores from the tape's pool.
+    std::optional<typename std::remove_reference_t<decltype(t.pool())>::lease> masked;
     if (causal) {
-      const shape s = t.node(out).dims;
-      masked.bytes = TapeT::bytes_of(s);
-      masked.p = t.pool().acquire(masked.bytes);
-      B::for_each_2d(s, causal_mask<T>{static_cast<T*>(masked.p), ds, g.seq_len});
-      ds = static_cast<const T*>(masked.p);
+      masked.emplace(t.pool(), TapeT::bytes_of(s));
+      B::for_each_2d(s, causal_mask<T>{masked->template as<T>(), ds, g.seq_len});
+      ds = masked->template as<T>();
     }
-    const long ss = g.sequence_stride();
-    for (int h = 0; h < g.heads; ++h) {
-      const long o = g.head_rows_offset(h);
-      const T* dsh = ds + g.score_offset(h);
-      if (dq) B::gemm_batched(false, false, g.width, g.seq_len, g.seq_len, scale, k.value + o, g.rows, ss, dsh, g.seq_len, g.score_stride(), T(1), dq + o, g.rows, ss, g.sequences);
-      if (dk) B::gemm_batched(false, true, g.width, g.seq_len, g.seq_len, scale, q.value + o, g.rows, ss, dsh, g.seq_len, g.score_stride(), T(1), dk + o, g.rows, ss, g.sequences);
-    }
-    t.counters().gemms += static_cast<std::size_t>((dq ? 1 : 0) + (dk ? 1 : 0)) * static_cast<std::size_t>(g.products());
+    const int L = g.seq_len;
+    if (dq) per_head_products<B>(t, g, false, false, g.width, L, L, scale, g.tokens(k.value), g.scores(ds), T(1), g.tokens(dq));
+    if (dk) per_head_products<B>(t, g, false, true, g.width, L, L, scale, g.tokens(q.value), g.scores(ds), T(1), g.tokens(dk));
   }
 };
 
+/// Reverse of O = V P per block: dV += dO P^T, dP += V^T dO.
 template <class T>
 struct attention_output_entry {
   operand<T> v, p;
@@ -115,13 +144,9 @@ struct attention_output_entry {
     if (!d) return;
     T* dv = t.adjoint_of(v);
     T* dp = t.adjoint_of(p);
-    const long ss = g.sequence_stride();
-    for (int h = 0; h < g.heads; ++h) {
-      const long o = g.head_rows_offset(h), so = g.score_offset(h);
-      if (dv) B::gemm_batched(false, true, g.width, g.seq_len, g.seq_len, T(1), d + o, g.rows, ss, p.value + so, g.seq_len, g.score_stride(), T(1), dv + o, g.rows, ss, g.sequences);
-      if (dp) B::gemm_batched(true, false, g.seq_len, g.seq_len, g.width, T(1), v.value + o, g.rows, ss, d + o, g.rows, ss, T(1), dp + so, g.seq_len, g.score_stride(), g.sequences);
-    }
-    t.counters().gemms += static_cast<std::size_t>((dv ? 1 : 0) + (dp ? 1 : 0)) * static_cast<std::size_t>(g.products());
+    const int L = g.seq_len;
+    if (dv) per_head_products<B>(t, g, false, true, g.width, L, L, T(1), g.tokens(d), g.scores(p.value), T(1), g.tokens(dv));
+    if (dp) per_head_products<B>(t, g, true, false, L, L, g.width, T(1), g.tokens(v.value), g.tokens(d), T(1), g.scores(dp));
   }
 };
 
@@ -135,9 +160,7 @@ struct attention_output_entry {
 template <expr::Operand Q, expr::Operand K>
 auto attention_scores(Q&& qin, K&& kin, int heads, int seq_len, double scale, bool causal = false) {
   const char* op = "attention_scores";
-  const shape sq = detail::shape_of(qin, op), sk = detail::shape_of(kin, op);
-  if (sq != sk) throw shape_error(detail::cat(op, ": q ", sq, " and k ", sk, " differ"));
-  const detail::head_blocks g = detail::split_heads(sq, heads, seq_len, op, "q");
+  const detail::head_blocks g = detail::query_key_blocks(detail::shape_of(qin, op), detail::shape_of(kin, op), heads, seq_len, op);
   auto q = detail::resolve(std::forward<Q>(qin), op);
   auto k = detail::resolve(std::forward<K>(kin), op);
   auto& t = detail::tape_of(q, k, op);
@@ -150,12 +173,8 @@ auto attention_scores(Q&& qin, K&& kin, int heads, int seq_len, double scale, bo
   const T s = static_cast<T>(scale);
   if (!t.is_replayed(out)) {
     T* y = t.node(out).value;
-    for (int h = 0; h < heads; ++h) {
-      const long o = g.head_rows_offset(h);
-      B::gemm_batched(true, false, seq_len, seq_len, g.width, s, k.ref.value + o, g.rows, g.sequence_stride(), q.ref.value + o, g.rows,
-                      g.sequence_stride(), T(0), y + g.score_offset(h), seq_len, g.score_stride(), g.sequences);
-    }
-    t.counters().gemms += static_cast<std::size_t>(g.products());
+    detail::per_head_products<B>(t, g, true, false, seq_len, seq_len, g.width, s, g.tokens(k.ref.value), g.tokens(q.ref.value), T(0),
+                                 g.scores(y));
     if (causal) B::for_each_2d(so, detail::causal_mask<T>{y, nullptr, seq_len});
   }
   if (grad) t.push_entry(detail::attention_scores_entry<T>{q.ref, k.ref, out, g, s, causal}, begin);
@@ -184,15 +203,9 @@ auto attention_output(V&& vin, P&& pin, int heads, int seq_len) {
   const bool grad = v.ref.requires_grad || p.ref.requires_grad;
   const std::uint32_t begin = static_cast<std::uint32_t>(t.node_count());
   const std::uint32_t out = t.new_output(sv, op, op_kind::matmul, grad);
-  if (!t.is_replayed(out)) {
-    T* y = t.node(out).value;
-    for (int h = 0; h < heads; ++h) {
-      const long o = g.head_rows_offset(h);
-      B::gemm_batched(false, false, g.width, seq_len, seq_len, T(1), v.ref.value + o, g.rows, g.sequence_stride(), p.ref.value + g.score_offset(h),
-                      seq_len, g.score_stride(), T(0), y + o, g.rows, g.sequence_stride(), g.sequences);
-    }
-    t.counters().gemms += static_cast<std::size_t>(g.products());
-  }
+  if (!t.is_replayed(out))
+    detail::per_head_products<B>(t, g, false, false, g.width, seq_len, seq_len, T(1), g.tokens(v.ref.value), g.scores(p.ref.value), T(0),
+                                 g.tokens(t.node(out).value));
   if (grad) t.push_entry(detail::attention_output_entry<T>{v.ref, p.ref, out, g}, begin);
   t.set_consumable(out);  // the reverse reads v and p, never the output
   return t.var_of(out);
@@ -207,9 +220,8 @@ template <expr::Operand Q, expr::Operand K, expr::Operand V>
 auto attention(Q&& q, K&& k, V&& v, int heads, int seq_len, bool causal = false) {
   // Every shape first, so that a bad v throws before the scores and softmax are recorded.
   const char* op = "attention";
-  const shape sq = detail::shape_of(q, op), sk = detail::shape_of(k, op), sv = detail::shape_of(v, op);
-  if (sq != sk) throw shape_error(detail::cat(op, ": q ", sq, " and k ", sk, " differ"));
-  detail::split_heads(sq, heads, seq_len, op, "q");
+  const shape sq = detail::shape_of(q, op), sv = detail::shape_of(v, op);
+  detail::query_key_blocks(sq, detail::shape_of(k, op), heads, seq_len, op);
   detail::split_heads(sv, heads, seq_len, op, "v");
   if (sv.cols != sq.cols) throw shape_error(detail::cat(op, ": v ", sv, " and q ", sq, " have different numbers of tokens"));
   const double scale = 1.0 / std::sqrt(static_cast<double>(sq.rows / heads));

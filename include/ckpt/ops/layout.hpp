@@ -220,24 +220,31 @@ struct gather_index {
     words.assign(ids.begin(), ids.end());
     distinct = 0;
     if (!reverse) return;
-    std::vector<std::pair<int, int>> by_id(ids.size());
-    for (int j = 0; j < columns; ++j) by_id[static_cast<std::size_t>(j)] = {ids[static_cast<std::size_t>(j)], j};
-    std::sort(by_id.begin(), by_id.end());
+    by_id_.resize(ids.size());
+    for (int j = 0; j < columns; ++j) by_id_[static_cast<std::size_t>(j)] = {ids[static_cast<std::size_t>(j)], j};
+    std::sort(by_id_.begin(), by_id_.end());
     words.resize(static_cast<std::size_t>(2 * columns));
-    std::vector<int> first, distinct_ids;
+    first_.clear();
+    distinct_ids_.clear();
     for (int p = 0; p < columns; ++p) {
-      const auto [id, j] = by_id[static_cast<std::size_t>(p)];
+      const auto [id, j] = by_id_[static_cast<std::size_t>(p)];
       words[static_cast<std::size_t>(columns + p)] = j;
-      if (p == 0 || id != by_id[static_cast<std::size_t>(p - 1)].first) {
-        first.push_back(p);
-        distinct_ids.push_back(id);
+      if (p == 0 || id != by_id_[static_cast<std::size_t>(p - 1)].first) {
+        first_.push_back(p);
+        distinct_ids_.push_back(id);
       }
     }
-    first.push_back(columns);
-    distinct = static_cast<int>(distinct_ids.size());
-    words.insert(words.end(), first.begin(), first.end());
-    words.insert(words.end(), distinct_ids.begin(), distinct_ids.end());
+    first_.push_back(columns);
+    distinct = static_cast<int>(distinct_ids_.size());
+    words.insert(words.end(), first_.begin(), first_.end());
+    words.insert(words.end(), distinct_ids_.begin(), distinct_ids_.end());
   }
+
+ private:
+  // Working space kept between calls (the index is thread_local): a training step's lookups
+  // allocate nothing once their sizes have been seen.
+  std::vector<std::pair<int, int>> by_id_;
+  std::vector<int> first_, distinct_ids_;
 };
 
 template <class T>

@@ -158,7 +158,7 @@ struct cpu {
   /// add_broadcast_sums does for a rows x 1 operand.
   template <class T, class Term>
   static void add_row_sums(T* out, shape s, const Term& term) {
-    add_sums(out, summed::over_columns, s, term);
+    add_sums(out, ckpt::detail::summed::over_columns, s, term);
   }
   /// A broadcast operand's gradient: out (the operand's adjoint, of shape `leaf`: 1 x 1,
   /// rows x 1 or 1 x cols) += the sum of term(r, c) over the dimensions along which the operand
@@ -171,14 +171,13 @@ struct cpu {
   /// the expression).
   template <class T, class Term>
   static void add_broadcast_sums(T* out, shape leaf, shape s, const Term& term) {
-    const summed over = leaf.size() == 1 ? summed::all : leaf.cols != s.cols ? summed::over_columns : summed::over_rows;
-    add_sums(out, over, s, term);
+    add_sums(out, ckpt::detail::summed_for(leaf, s), s, term);
   }
-  /// What add_sums sums term(r, c) over: everything into out[0], each row's columns into out[r],
-  /// or each column's rows into out[c].
-  enum class summed { all, over_columns, over_rows };
+  /// out[0], out[r] or out[c] += the sum of term(r, c) over everything, each row's columns or
+  /// each column's rows (detail::summed).
   template <class T, class Term>
-  static void add_sums(T* out, summed over, shape s, const Term& term) {
+  static void add_sums(T* out, ckpt::detail::summed over, shape s, const Term& term) {
+    using ckpt::detail::summed;
     using A = ckpt::detail::accumulator_t<T>;
     using R = std::remove_cvref_t<decltype(term(0, 0))>;
     constexpr int block = ckpt::detail::term_block;
