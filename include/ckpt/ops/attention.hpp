@@ -30,11 +30,6 @@ struct head_view {
   int ld;
   long head_step, stride;
   P* at(int h) const { return p + h * head_step; }
-  operator head_view<const P>() const  // NOLINT: a written view is also readable
-    requires(!std::is_const_v<P>)
-  {
-    return {p, ld, head_step, stride};
-  }
 };
 
 /// The batched-head geometry of a d x (T * sequences) tensor.
@@ -76,9 +71,10 @@ inline head_blocks query_key_blocks(shape sq, shape sk, int heads, int seq_len, 
 /// C(s, h) = alpha op(A(s, h)) op(B(s, h)) + beta C(s, h) for every sequence s and head h: one
 /// batched product per head, over the sequences (a head's rows are a second stride that one
 /// strided batch cannot take). Counted as heads x sequences products.
-template <class B, class TapeT, class T>
-void per_head_products(TapeT& t, const head_blocks& g, bool ta, bool tb, int m, int n, int k, T alpha,
-                       std::type_identity_t<head_view<const T>> a, std::type_identity_t<head_view<const T>> b, T beta, head_view<T> c) {
+template <class B, class TapeT, class T, class PA, class PB>
+void per_head_products(TapeT& t, const head_blocks& g, bool ta, bool tb, int m, int n, int k, T alpha, head_view<PA> a, head_view<PB> b,
+                       T beta, head_view<T> c) {
+  static_assert(std::is_same_v<std::remove_const_t<PA>, T> && std::is_same_v<std::remove_const_t<PB>, T>);
   for (int h = 0; h < g.heads; ++h)
     B::gemm_batched(ta, tb, m, n, k, alpha, a.at(h), a.ld, a.stride, b.at(h), b.ld, b.stride, beta, c.at(h), c.ld, c.stride, g.sequences);
   t.counters().gemms += static_cast<std::size_t>(g.products());
