@@ -3,10 +3,11 @@
 //
 // The model: a stack of `blocks` residual MLP blocks h <- h + fc2(relu(fc1(h))), fc1 and fc2
 // both width x width with a bias; the input is a constant (width x batch), the loss mean(h^2).
-// relu, not gelu: the library's gelu calls libm's scalar tanhf (and expm1f) per element, forward
-// and reverse, and took about 40% of a `lora` step in a profile (perf, 16/512/128/16), which
-// would bury the products that the FLOP theory below counts; relu vectorises and stays under
-// 1.5% of the profile, where the products (kernel and packing) take ~80%.
+// relu, not gelu: the FLOP theory below counts the products only, and relu stays under 1.5% of
+// a profile, where the products (kernel and packing) take ~80%. (gelu took about 40% of a `lora`
+// step, perf, 16/512/128/16, when it called libm's scalar tanhf per element; expr/math.hpp's
+// tanh now vectorises, about 15x faster in bench_tape's act_gelu rows, but it is still an
+// activation that the theory would have to model.)
 // Variants (named <variant>/<blocks>/<width>/<batch>/<rank>):
 //   full              every W and b trainable (nn::Linear), no checkpointing: the baseline;
 //   lora              W and b frozen, rank-r adapters (nn::LoRALinear), no checkpointing;

@@ -9,6 +9,9 @@
 //                    attention of S sequences of T tokens, width d, H heads, loss = sum(O .* W):
 //                    Eigen per (sequence, head), the tape's attention(), and the tape with a
 //                    slice, product and softmax per sequence and head
+//   act_<f>_hand/R/C, act_<f>_ad/R/C   loss = sum(f(x)) and its gradient for an R x C x, f one
+//                    of sigmoid, silu, gelu, tanh: Eigen's vectorised array functions against
+//                    the tape's fused entry (expr/math.hpp's exp and tanh)
 //
 // Model: L layers of width W on a batch of N columns; h_{l+1} = relu(W_l h_l + b_l) for every
 // layer but the last, which is linear; loss = mean((h_L - y)^2) against a fixed target y.
@@ -344,6 +347,92 @@ void verify_scale(const scale_case& c) {
   }
 }
 
+// ------------------------------------------------------------------ activations
+
+/// loss = sum(f(x)) and dx = f'(x), float, for f = sigmoid, silu, gelu or tanh. The hand-written
+/// side is Eigen's array functions (its own vectorised exp, tanh and logistic), forward then
+/// backward from x; the AD side is one fused entry whose reverse reads x or the stored output.
+struct act_case {
+  std::string fn;
+  int rows, cols;
+  std::string args() const { return std::to_string(rows) + "/" + std::to_string(cols); }
+};
+
+Mat act_input(const act_case& c) {
+  std::mt19937 gen(13);
+  std::uniform_real_distribution<float> u(-4.0f, 4.0f);
+  return Mat::NullaryExpr(c.rows, c.cols, [&] { return u(gen); });
+}
+
+class hand_act {
+ public:
+  hand_act(const act_case& c, const Mat& x) : fn_(c.fn), x_(x), y_(x), dx_(x) {}
+  float step() {
+    const auto x = x_.array();
+    constexpr float k = 0.7978845608028654f, a = 0.044715f;
+    if (fn_ == "sigmoid") {
+      y_.array() = x.logistic();
+      dx_.array() = y_.array() * (1.0f - y_.array());
+    } else if (fn_ == "silu") {
+      y_.array() = x * x.logistic();
+      dx_.array() = x.logistic() * (1.0f + x * (1.0f - x.logistic()));
+    } else if (fn_ == "gelu") {
+      y_.array() = 0.5f * x * (1.0f + (k * (x + a * x.cube())).tanh());
+      const auto t = (k * (x + a * x.cube())).tanh();
+      dx_.array() = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t.square()) * k * (1.0f + 3.0f * a * x.square());
+    } else {
+      y_.array() = x.tanh();
+      dx_.array() = 1.0f - y_.array().square();
+    }
+    return y_.sum();
+  }
+  const Mat& dx() const { return dx_; }
+
+ private:
+  std::string fn_;
+  Mat x_, y_, dx_;
+};
+
+class ad_act {
+ public:
+  ad_act(const act_case& c, const Mat& x) : fn_(c.fn), x_(x) {}
+  float step() {
+    x_.zero_grad();
+    tape_.reset();
+    const ckpt::Var<float> x = tape_.param(x_);
+    const ckpt::Var<float> loss = fn_ == "sigmoid" ? ckpt::sum(ckpt::sigmoid(x))
+                                  : fn_ == "silu"  ? ckpt::sum(ckpt::silu(x))
+                                  : fn_ == "gelu"  ? ckpt::sum(ckpt::gelu(x))
+                                                   : ckpt::sum(ckpt::tanh(x));
+    tape_.backward(loss);
+    return loss.item();
+  }
+  const ckpt::Parameter<float>& x() const { return x_; }
+  const ckpt::Tape<float>& tape() const { return tape_; }
+
+ private:
+  std::string fn_;
+  ckpt::Tape<float> tape_;
+  ckpt::Parameter<float> x_;
+};
+
+void verify_act(const act_case& c) {
+  static std::set<std::string> verified;
+  if (!verified.insert(c.fn + "/" + c.args()).second) return;
+  const Mat x = act_input(c);
+  hand_act hand(c, x);
+  ad_act ad(c, x);
+  hand.step();
+  ad.step();
+  constexpr float tolerance = 1e-5f;
+  const float e = relative_error(ad.x().grad(), hand.dx());
+  if (!(e <= tolerance)) {
+    std::fprintf(stderr, "bench_tape: gradient check FAILED for act_%s/%s: dx %.3g (relative, tolerance %.0e)\n", c.fn.c_str(),
+                 c.args().c_str(), static_cast<double>(e), static_cast<double>(tolerance));
+    std::exit(EXIT_FAILURE);
+  }
+}
+
 // ------------------------------------------------------------------ attention
 
 /// Causal multi-head attention over `sequences` sequences of T tokens, width d, `heads` heads:
@@ -552,6 +641,29 @@ void bm_scale_ad(benchmark::State& state, scale_case c) {
   state.counters["peak_bytes"] = benchmark::Counter(static_cast<double>(model.tape().peak_bytes()));
 }
 
+const std::vector<act_case> act_cases = {{"sigmoid", 4096, 256}, {"silu", 4096, 256}, {"gelu", 4096, 256}, {"tanh", 4096, 256}};
+
+void bm_act_hand(benchmark::State& state, act_case c) {
+  verify_act(c);
+  hand_act model(c, act_input(c));
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(model.step());
+    benchmark::ClobberMemory();
+  }
+  // y and dx
+  state.counters["peak_bytes"] = benchmark::Counter(static_cast<double>(2 * model.dx().size() * sizeof(float)));
+}
+
+void bm_act_ad(benchmark::State& state, act_case c) {
+  verify_act(c);
+  ad_act model(c, act_input(c));
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(model.step());
+    benchmark::ClobberMemory();
+  }
+  state.counters["peak_bytes"] = benchmark::Counter(static_cast<double>(model.tape().peak_bytes()));
+}
+
 const std::vector<attention_case> attention_cases = {{16, 64, 256, 4}, {32, 12, 48, 4}};
 
 void bm_attention_hand(benchmark::State& state, attention_case c) {
@@ -596,6 +708,14 @@ void register_all() {
         ->Unit(benchmark::kMicrosecond)
         ->ComputeStatistics("min", minimum);
     benchmark::RegisterBenchmark(("attention_sliced/" + c.args()).c_str(), bm_attention_tape, c, true)
+        ->Unit(benchmark::kMicrosecond)
+        ->ComputeStatistics("min", minimum);
+  }
+  for (const act_case& c : act_cases) {
+    benchmark::RegisterBenchmark(("act_" + c.fn + "_hand/" + c.args()).c_str(), bm_act_hand, c)
+        ->Unit(benchmark::kMicrosecond)
+        ->ComputeStatistics("min", minimum);
+    benchmark::RegisterBenchmark(("act_" + c.fn + "_ad/" + c.args()).c_str(), bm_act_ad, c)
         ->Unit(benchmark::kMicrosecond)
         ->ComputeStatistics("min", minimum);
   }

@@ -84,6 +84,29 @@ accumulator_t<T> lane_sum(shape s, const F& f) {
   return acc.total();
 }
 
+/// The sum of term(i) over a column's rows i < rows, in accumulator_t<T>, for a
+/// for_each_column body: each lane of `lanes` adds its rows (l, l + width, ...) in increasing
+/// order and lanes.sum combines them, so every lane gets the total. Lanes that say
+/// `single` (one lane, the CPU's) compute the terms a block at a time into a buffer before
+/// adding them, in the same order: the loop that computes them then vectorises, which matters
+/// where a term is an exp (3.5 ns an element added one by one, 1 ns by blocks).
+template <class T, class Lanes, class Term>
+CKPT_HOST_DEVICE accumulator_t<T> column_sum(int rows, const Lanes& lanes, const Term& term) {
+  using A = accumulator_t<T>;
+  A total(0);
+  if constexpr (requires { requires Lanes::single; }) {
+    T buffer[term_block];
+    for (int i0 = 0; i0 < rows; i0 += term_block) {
+      const int n = rows - i0 < term_block ? rows - i0 : term_block;
+      for (int j = 0; j < n; ++j) buffer[j] = term(i0 + j);
+      for (int j = 0; j < n; ++j) total += static_cast<A>(buffer[j]);
+    }
+  } else {
+    for (int i = lanes.lane(); i < rows; i += lanes.width()) total += static_cast<A>(term(i));
+  }
+  return lanes.sum(total);
+}
+
 /// What a broadcast operand's gradient sums its terms term(r, c) over: everything (a 1 x 1
 /// operand), each row's columns (rows x 1), or each column's rows (1 x cols).
 enum class summed { all, over_columns, over_rows };

@@ -5,18 +5,33 @@
 // `db_args`: bit 0 a, bit 1 b), so that the reverse loads no operand it does not need.
 #pragma once
 #include "ckpt/config.hpp"
+#include "ckpt/expr/math.hpp"
 
 #include <cmath>
 
 namespace ckpt::fn {
 
 // Plain math that is valid in host and device code (std:: overloads are host-only under nvcc).
+// exp and tanh on the host are expr/math.hpp's, which vectorise with the loop that calls them;
+// on the device CUDA's.
 template <class T>
-CKPT_HOST_DEVICE inline T exp_(T x) { using std::exp; return exp(x); }
+CKPT_HOST_DEVICE CKPT_ALWAYS_INLINE T exp_(T x) {
+#if !defined(__CUDA_ARCH__)
+  if constexpr (branchfree::available<T>) return branchfree::exp(x);
+#endif
+  using std::exp;
+  return exp(x);
+}
 template <class T>
 CKPT_HOST_DEVICE inline T log_(T x) { using std::log; return log(x); }
 template <class T>
-CKPT_HOST_DEVICE inline T tanh_(T x) { using std::tanh; return tanh(x); }
+CKPT_HOST_DEVICE CKPT_ALWAYS_INLINE T tanh_(T x) {
+#if !defined(__CUDA_ARCH__)
+  if constexpr (branchfree::available<T>) return branchfree::tanh(x);
+#endif
+  using std::tanh;
+  return tanh(x);
+}
 template <class T>
 CKPT_HOST_DEVICE inline T sqrt_(T x) { using std::sqrt; return sqrt(x); }
 template <class T>

@@ -31,9 +31,7 @@ CKPT_HOST_DEVICE T column_logsumexp(const T* in, int rows, const Lanes& lanes, T
   mx = -fn::infinity<T>();
   for (int i = lanes.lane(); i < rows; i += lanes.width()) mx = fn::max_(mx, in[i]);
   mx = lanes.max(mx);
-  accumulator_t<T> total(0);
-  for (int i = lanes.lane(); i < rows; i += lanes.width()) total += fn::exp_(in[i] - mx);
-  total = lanes.sum(total);
+  const accumulator_t<T> total = column_sum<T>(rows, lanes, [in, mx](int i) { return fn::exp_(in[i] - mx); });
   sum = static_cast<T>(total);
   return mx + static_cast<T>(fn::log_(total));
 }
@@ -59,13 +57,13 @@ struct softmax_forward {
     T mx = -fn::infinity<T>();
     for (int i = lanes.lane(); i < rows; i += lanes.width()) mx = fn::max_(mx, in[o + i]);
     mx = lanes.max(mx);
-    accumulator_t<T> total(0);
-    for (int i = lanes.lane(); i < rows; i += lanes.width()) {
-      const T e = fn::exp_(in[o + i] - mx);
-      y[o + i] = e;
-      total += e;
-    }
-    const T sum = static_cast<T>(lanes.sum(total));
+    const T* x = in + o;
+    T* out = y + o;
+    const T sum = static_cast<T>(column_sum<T>(rows, lanes, [x, out, mx](int i) {
+      const T e = fn::exp_(x[i] - mx);
+      out[i] = e;
+      return e;
+    }));
     for (int i = lanes.lane(); i < rows; i += lanes.width()) y[o + i] = y[o + i] / sum;
   }
 };

@@ -64,6 +64,8 @@ inline bool use_blas() {
 /// The lanes that work on one column together in for_each_column: here one, so the column's
 /// loops run in order and a lane reduction returns its argument. (backend::cuda's are a warp.)
 struct one_lane {
+  /// detail::column_sum may compute a block of terms before adding them.
+  static constexpr bool single = true;
   CKPT_HOST_DEVICE int lane() const { return 0; }
   CKPT_HOST_DEVICE int width() const { return 1; }
   template <class T>
