@@ -12,6 +12,10 @@
 //   act_<f>_hand/R/C, act_<f>_ad/R/C   loss = sum(f(x)) and its gradient for an R x C x, f one
 //                    of sigmoid, silu, gelu, tanh: Eigen's vectorised array functions against
 //                    the tape's fused entry (expr/math.hpp's exp and tanh)
+//   xent_hand/R/C, xent_ad/R/C   cross_entropy over R classes and C samples, forward and backward:
+//                    Eigen per column (softmax kept for the reverse) against the tape's entry
+//   lnorm_hand/R/C, lnorm_ad/R/C  loss = sum(layer_norm(x, gain, bias) .* W) and the gradients of
+//                    x, gain and bias: Eigen (x-hat kept) against the tape's entry
 //
 // Model: L layers of width W on a batch of N columns; h_{l+1} = relu(W_l h_l + b_l) for every
 // layer but the last, which is linear; loss = mean((h_L - y)^2) against a fixed target y.
@@ -433,6 +437,160 @@ void verify_act(const act_case& c) {
   }
 }
 
+// ------------------------------------------------------------------ row-wise: cross-entropy, layer norm
+
+/// R rows (classes or features) by C columns (samples), float; what a column's reductions cost.
+struct rowwise_case {
+  int rows, cols;
+  std::string args() const { return std::to_string(rows) + "/" + std::to_string(cols); }
+};
+
+struct rowwise_data {
+  Mat x, w, gain, bias;
+  std::vector<int> labels;
+  explicit rowwise_data(const rowwise_case& c) {
+    std::mt19937 gen(17);
+    std::uniform_real_distribution<float> u(-3.0f, 3.0f);
+    x = Mat::NullaryExpr(c.rows, c.cols, [&] { return u(gen); });
+    w = Mat::NullaryExpr(c.rows, c.cols, [&] { return u(gen); });
+    gain = Mat::NullaryExpr(c.rows, 1, [&] { return 1.0f + 0.1f * u(gen); });
+    bias = Mat::NullaryExpr(c.rows, 1, [&] { return 0.1f * u(gen); });
+    std::uniform_int_distribution<int> label(0, c.rows - 1);
+    for (int j = 0; j < c.cols; ++j) labels.push_back(label(gen));
+  }
+};
+
+/// Cross-entropy by hand: P = softmax per column (kept), loss = mean(log-sum-exp - x[label]),
+/// dx = (P - onehot) / C.
+class hand_xent {
+ public:
+  explicit hand_xent(const rowwise_data& d) : x_(d.x), p_(d.x), dx_(d.x), labels_(d.labels) {}
+  float step() {
+    float loss = 0;
+    for (Eigen::Index j = 0; j < x_.cols(); ++j) {
+      const float mx = x_.col(j).maxCoeff();
+      p_.col(j).array() = (x_.col(j).array() - mx).exp();
+      const float sum = p_.col(j).sum();
+      p_.col(j) /= sum;
+      loss += std::log(sum) + mx - x_(labels_[static_cast<std::size_t>(j)], j);
+    }
+    const float scale = 1.0f / static_cast<float>(x_.cols());
+    dx_ = p_ * scale;
+    for (Eigen::Index j = 0; j < x_.cols(); ++j) dx_(labels_[static_cast<std::size_t>(j)], j) -= scale;
+    return loss * scale;
+  }
+  const Mat& dx() const { return dx_; }
+  std::size_t held_bytes() const { return static_cast<std::size_t>(p_.size() + dx_.size()) * sizeof(float); }
+
+ private:
+  Mat x_, p_, dx_;
+  std::vector<int> labels_;
+};
+
+class ad_xent {
+ public:
+  explicit ad_xent(const rowwise_data& d) : x_(d.x), labels_(d.labels) {}
+  float step() {
+    x_.zero_grad();
+    tape_.reset();
+    const ckpt::Var<float> loss = ckpt::cross_entropy(tape_.param(x_), labels_);
+    tape_.backward(loss);
+    return loss.item();
+  }
+  const ckpt::Parameter<float>& x() const { return x_; }
+  const ckpt::Tape<float>& tape() const { return tape_; }
+
+ private:
+  ckpt::Tape<float> tape_;
+  ckpt::Parameter<float> x_;
+  std::vector<int> labels_;
+};
+
+/// Layer norm by hand: x-hat and 1/std kept, y = gain .* x-hat + bias, loss = sum(y .* W);
+/// reverse dx = rstd (g gain - mean(g gain) - x-hat mean(g gain x-hat)), dgain = sum over
+/// samples of W .* x-hat, dbias = sum of W.
+class hand_lnorm {
+ public:
+  explicit hand_lnorm(const rowwise_data& d)
+      : x_(d.x), w_(d.w), gain_(d.gain), bias_(d.bias), xhat_(d.x), y_(d.x), dx_(d.x), dgain_(d.gain), dbias_(d.bias), rstd_(1, d.x.cols()) {}
+  float step() {
+    constexpr float eps = 1e-5f;
+    const float n = static_cast<float>(x_.rows());
+    for (Eigen::Index j = 0; j < x_.cols(); ++j) {
+      const float mu = x_.col(j).mean();
+      xhat_.col(j).array() = x_.col(j).array() - mu;
+      const float var = xhat_.col(j).squaredNorm() / n;
+      rstd_(0, j) = 1.0f / std::sqrt(var + eps);
+      xhat_.col(j) *= rstd_(0, j);
+    }
+    y_.array() = (xhat_.array().colwise() * gain_.col(0).array()).colwise() + bias_.col(0).array();
+    const float loss = (y_.array() * w_.array()).sum();
+    for (Eigen::Index j = 0; j < x_.cols(); ++j) {
+      const auto d = (w_.col(j).array() * gain_.col(0).array());
+      const float mean_d = d.sum() / n, mean_dx = (d * xhat_.col(j).array()).sum() / n;
+      dx_.col(j).array() = rstd_(0, j) * (d - mean_d - xhat_.col(j).array() * mean_dx);
+    }
+    dgain_ = (w_.array() * xhat_.array()).rowwise().sum().matrix();
+    dbias_ = w_.rowwise().sum();
+    return loss;
+  }
+  const Mat& dx() const { return dx_; }
+  const Mat& dgain() const { return dgain_; }
+  std::size_t held_bytes() const { return static_cast<std::size_t>(xhat_.size() + y_.size() + dx_.size() + rstd_.size()) * sizeof(float); }
+
+ private:
+  Mat x_, w_, gain_, bias_, xhat_, y_, dx_, dgain_, dbias_, rstd_;
+};
+
+class ad_lnorm {
+ public:
+  explicit ad_lnorm(const rowwise_data& d) : x_(d.x), gain_(d.gain), bias_(d.bias), w_(d.w) {}
+  float step() {
+    x_.zero_grad();
+    gain_.zero_grad();
+    bias_.zero_grad();
+    tape_.reset();
+    const ckpt::Var<float> y = ckpt::layer_norm(tape_.param(x_), tape_.param(gain_), tape_.param(bias_));
+    const ckpt::Var<float> loss = ckpt::sum(y * tape_.constant(w_));
+    tape_.backward(loss);
+    return loss.item();
+  }
+  const ckpt::Parameter<float>& x() const { return x_; }
+  const ckpt::Parameter<float>& gain() const { return gain_; }
+  const ckpt::Tape<float>& tape() const { return tape_; }
+
+ private:
+  ckpt::Tape<float> tape_;
+  ckpt::Parameter<float> x_, gain_, bias_;
+  Mat w_;
+};
+
+void verify_rowwise(const std::string& op, const rowwise_case& c) {
+  static std::set<std::string> verified;
+  if (!verified.insert(op + "/" + c.args()).second) return;
+  const rowwise_data d(c);
+  constexpr float tolerance = 1e-4f;
+  float err = 0;
+  if (op == "xent") {
+    hand_xent hand(d);
+    ad_xent ad(d);
+    hand.step();
+    ad.step();
+    err = relative_error(ad.x().grad(), hand.dx());
+  } else {
+    hand_lnorm hand(d);
+    ad_lnorm ad(d);
+    hand.step();
+    ad.step();
+    err = std::max(relative_error(ad.x().grad(), hand.dx()), relative_error(ad.gain().grad(), hand.dgain()));
+  }
+  if (!(err <= tolerance)) {
+    std::fprintf(stderr, "bench_tape: gradient check FAILED for %s/%s: %.3g (relative, tolerance %.0e)\n", op.c_str(), c.args().c_str(),
+                 static_cast<double>(err), static_cast<double>(tolerance));
+    std::exit(EXIT_FAILURE);
+  }
+}
+
 // ------------------------------------------------------------------ attention
 
 /// Causal multi-head attention over `sequences` sequences of T tokens, width d, `heads` heads:
@@ -664,6 +822,25 @@ void bm_act_ad(benchmark::State& state, act_case c) {
   state.counters["peak_bytes"] = benchmark::Counter(static_cast<double>(model.tape().peak_bytes()));
 }
 
+const std::vector<rowwise_case> xent_cases = {{32000, 64}, {10, 4096}};
+const std::vector<rowwise_case> lnorm_cases = {{1024, 512}, {64, 4096}};
+
+template <class Model>
+void bm_rowwise(benchmark::State& state, std::string op, rowwise_case c) {
+  verify_rowwise(op, c);
+  Model model{rowwise_data{c}};
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(model.step());
+    benchmark::ClobberMemory();
+  }
+  std::size_t held = 0;
+  if constexpr (requires { model.held_bytes(); })
+    held = model.held_bytes();
+  else
+    held = model.tape().peak_bytes();
+  state.counters["peak_bytes"] = benchmark::Counter(static_cast<double>(held));
+}
+
 const std::vector<attention_case> attention_cases = {{16, 64, 256, 4}, {32, 12, 48, 4}};
 
 void bm_attention_hand(benchmark::State& state, attention_case c) {
@@ -708,6 +885,22 @@ void register_all() {
         ->Unit(benchmark::kMicrosecond)
         ->ComputeStatistics("min", minimum);
     benchmark::RegisterBenchmark(("attention_sliced/" + c.args()).c_str(), bm_attention_tape, c, true)
+        ->Unit(benchmark::kMicrosecond)
+        ->ComputeStatistics("min", minimum);
+  }
+  for (const rowwise_case& c : xent_cases) {
+    benchmark::RegisterBenchmark(("xent_hand/" + c.args()).c_str(), bm_rowwise<hand_xent>, "xent", c)
+        ->Unit(benchmark::kMicrosecond)
+        ->ComputeStatistics("min", minimum);
+    benchmark::RegisterBenchmark(("xent_ad/" + c.args()).c_str(), bm_rowwise<ad_xent>, "xent", c)
+        ->Unit(benchmark::kMicrosecond)
+        ->ComputeStatistics("min", minimum);
+  }
+  for (const rowwise_case& c : lnorm_cases) {
+    benchmark::RegisterBenchmark(("lnorm_hand/" + c.args()).c_str(), bm_rowwise<hand_lnorm>, "lnorm", c)
+        ->Unit(benchmark::kMicrosecond)
+        ->ComputeStatistics("min", minimum);
+    benchmark::RegisterBenchmark(("lnorm_ad/" + c.args()).c_str(), bm_rowwise<ad_lnorm>, "lnorm", c)
         ->Unit(benchmark::kMicrosecond)
         ->ComputeStatistics("min", minimum);
   }

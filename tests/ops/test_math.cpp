@@ -147,3 +147,60 @@ TEST_CASE_TEMPLATE("branchfree exp and tanh give the same bits in a vectorised l
   }
   CHECK(differ == 0);
 }
+
+// ---------------------------------------------------------------- a column's sums and maxima
+// On the CPU's one lane, detail::column_sum adds term i into partial sum i mod 8 (as the sums to
+// a scalar do) and detail::column_max keeps eight partial maxima; both are what the row-wise
+// ops (softmax, log-softmax, norms, cross-entropy) reduce a column with.
+
+TEST_CASE("column_sum on one lane adds term i into partial sum i mod 8, then the partial sums in order") {
+  // Terms whose sum depends on the order: 1e17 and -1e17 in the same partial sum (rows 0 and 8),
+  // with small terms between them that one running sum loses.
+  for (int rows : {1, 7, 8, 9, 19, 300, 600}) {
+    std::vector<double> v(static_cast<std::size_t>(rows));
+    std::mt19937 gen(static_cast<unsigned>(rows));
+    std::uniform_real_distribution<double> u(0.5, 1.0);
+    for (int i = 0; i < rows; ++i) v[static_cast<std::size_t>(i)] = u(gen);
+    v[0] = 1e17;
+    if (rows > 8) v[8] = -1e17;
+    double part[8] = {};
+    for (int i = 0; i < rows; ++i) part[i % 8] += v[static_cast<std::size_t>(i)];
+    double expected = 0, running = 0;
+    for (double p : part) expected += p;
+    for (double x : v) running += x;
+    const double got = ckpt::detail::column_sum<double>(rows, ckpt::backend::one_lane{}, [&](int i) { return v[static_cast<std::size_t>(i)]; });
+    INFO("rows " << rows);
+    CHECK(std::bit_cast<std::uint64_t>(got) == std::bit_cast<std::uint64_t>(expected));
+    if (rows > 8) CHECK(expected != running);  // the data tells the orders apart
+  }
+  // float terms are added in double.
+  const float big = 16777216.0f;  // 2^24: big + 1 is not a float
+  const double sum = ckpt::detail::column_sum<float>(3, ckpt::backend::one_lane{}, [&](int i) { return i == 0 ? big : 1.0f; });
+  CHECK(sum == 16777218.0);
+}
+
+TEST_CASE("column_max on one lane is the running fn::max_ of the column: NaNs skipped, -inf when empty") {
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  const auto running = [](const std::vector<float>& x) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (float v : x) m = ckpt::fn::max_(m, v);
+    return m;
+  };
+  std::mt19937 gen(5);
+  std::uniform_real_distribution<float> u(-50.0f, 50.0f);
+  for (int rows : {0, 1, 5, 8, 13, 64, 1000}) {
+    std::vector<float> x(static_cast<std::size_t>(rows));
+    for (float& v : x) v = u(gen);
+    if (rows > 3) x[3] = nan;
+    if (rows > 9) x[9] = 60.0f;  // the maximum, in partial 1
+    const float got = ckpt::detail::column_max(x.data(), rows, ckpt::backend::one_lane{});
+    INFO("rows " << rows);
+    CHECK(got == running(x));
+    if (rows > 9) CHECK(got == 60.0f);
+  }
+  CHECK(ckpt::detail::column_max<float>(nullptr, 0, ckpt::backend::one_lane{}) == -inf);
+  const std::vector<float> nans(11, nan);
+  CHECK(ckpt::detail::column_max(nans.data(), 11, ckpt::backend::one_lane{}) == -inf);
+  const std::vector<float> last = {-inf, -3, -2, -inf, -inf, -inf, -inf, -inf, -inf, -1};  // the maximum in the remainder
+  CHECK(ckpt::detail::column_max(last.data(), 10, ckpt::backend::one_lane{}) == -1.0f);
+}

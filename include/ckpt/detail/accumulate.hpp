@@ -29,14 +29,14 @@ struct lane_accumulator {
 
   /// Adds v[0..n) as the next n terms.
   template <class R>
-  void add(const R* v, long n) {
+  CKPT_HOST_DEVICE void add(const R* v, long n) {
     long i = 0;
     for (; i < n && next != 0; ++i, next = (next + 1) % reduction_lanes) part[next] += static_cast<A>(v[i]);
     for (; i + reduction_lanes <= n; i += reduction_lanes)
       for (int l = 0; l < reduction_lanes; ++l) part[l] += static_cast<A>(v[i + l]);
     for (; i < n; ++i, next = (next + 1) % reduction_lanes) part[next] += static_cast<A>(v[i]);
   }
-  A total() const {
+  CKPT_HOST_DEVICE A total() const {
     A t(0);
     for (int l = 0; l < reduction_lanes; ++l) t += part[l];
     return t;
@@ -84,27 +84,35 @@ accumulator_t<T> lane_sum(shape s, const F& f) {
   return acc.total();
 }
 
+/// A for_each_column lane group of one lane that takes the whole column (the CPU's): it may
+/// organise a column's loops as it likes, for instance in eight interleaved partial results.
+template <class Lanes>
+concept single_lane = requires { requires Lanes::single; };
+
 /// The sum of term(i) over a column's rows i < rows, in accumulator_t<T>, for a
-/// for_each_column body: each lane of `lanes` adds its rows (l, l + width, ...) in increasing
-/// order and lanes.sum combines them, so every lane gets the total. Lanes that say
-/// `single` (one lane, the CPU's) compute the terms a block at a time into a buffer before
-/// adding them, in the same order: the loop that computes them then vectorises, which matters
-/// where a term is an exp (3.5 ns an element added one by one, 1 ns by blocks).
+/// for_each_column body; every lane of `lanes` gets the total. Lanes that say `single` (the
+/// CPU's one lane) add the terms in the order of the sums to a scalar above, term i into partial
+/// sum i mod 8, computing a block of terms into a buffer first: both loops vectorise, where one
+/// running sum was a chain of dependent double additions (4 cycles a term) and a term with an
+/// exp in it kept the whole loop scalar. Wider groups (a CUDA warp) add their rows l, l + width,
+/// ... in increasing order, and lanes.sum combines the lanes' totals.
 template <class T, class Lanes, class Term>
 CKPT_HOST_DEVICE accumulator_t<T> column_sum(int rows, const Lanes& lanes, const Term& term) {
   using A = accumulator_t<T>;
-  A total(0);
-  if constexpr (requires { requires Lanes::single; }) {
+  if constexpr (single_lane<Lanes>) {
+    lane_accumulator<A> acc;
     T buffer[term_block];
     for (int i0 = 0; i0 < rows; i0 += term_block) {
       const int n = rows - i0 < term_block ? rows - i0 : term_block;
       for (int j = 0; j < n; ++j) buffer[j] = term(i0 + j);
-      for (int j = 0; j < n; ++j) total += static_cast<A>(buffer[j]);
+      acc.add(buffer, n);
     }
+    return acc.total();
   } else {
+    A total(0);
     for (int i = lanes.lane(); i < rows; i += lanes.width()) total += static_cast<A>(term(i));
+    return lanes.sum(total);
   }
-  return lanes.sum(total);
 }
 
 /// What a broadcast operand's gradient sums its terms term(r, c) over: everything (a 1 x 1
