@@ -6,7 +6,7 @@
 // relu, not gelu: the FLOP theory below counts the products only, and relu stays under 1.5% of
 // a profile, where the products (kernel and packing) take ~80%. (gelu took about 40% of a `lora`
 // step, perf, 16/512/128/16, when it called libm's scalar tanhf per element; expr/math.hpp's
-// tanh now vectorises, about 15x faster in bench_tape's act_gelu rows, but it is still an
+// tanh now vectorises, about 17x faster in bench_tape's act_gelu rows, but it is still an
 // activation that the theory would have to model.)
 // Variants (named <variant>/<blocks>/<width>/<batch>/<rank>):
 //   full              every W and b trainable (nn::Linear), no checkpointing: the baseline;

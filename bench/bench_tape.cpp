@@ -354,8 +354,9 @@ void verify_scale(const scale_case& c) {
 // ------------------------------------------------------------------ activations
 
 /// loss = sum(f(x)) and dx = f'(x), float, for f = sigmoid, silu, gelu or tanh. The hand-written
-/// side is Eigen's array functions (its own vectorised exp, tanh and logistic), forward then
-/// backward from x; the AD side is one fused entry whose reverse reads x or the stored output.
+/// side is Eigen's array functions (its own vectorised exp, tanh and logistic), y stored, the
+/// backward from x and y; the AD side is one fused reduction entry, sum(f(x)), which stores
+/// nothing: its reverse computes f again from x.
 struct act_case {
   std::string fn;
   int rows, cols;

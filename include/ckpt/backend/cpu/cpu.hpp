@@ -64,7 +64,8 @@ inline bool use_blas() {
 /// The lanes that work on one column together in for_each_column: here one, so the column's
 /// loops run in order and a lane reduction returns its argument. (backend::cuda's are a warp.)
 struct one_lane {
-  /// detail::column_sum may compute a block of terms before adding them.
+  /// One lane takes the whole column, so detail::column_sum and column_max may split it into
+  /// eight interleaved partial results, which vectorise.
   static constexpr bool single = true;
   CKPT_HOST_DEVICE int lane() const { return 0; }
   CKPT_HOST_DEVICE int width() const { return 1; }
@@ -137,7 +138,8 @@ struct cpu {
   /// ops (softmax, norms, cross-entropy). `lanes` is a group of lanes that all call f(j, ...)
   /// together: lane l takes rows l, l + width, ..., and lanes.sum(x) / lanes.max(x) combine
   /// the lanes' partial values (every lane gets the result; every lane must call them alike).
-  /// Here one lane, column by column, so a column's loops run in row order.
+  /// Here one lane, column by column: a column's loops run in row order, and its sums and
+  /// maxima (detail::column_sum, column_max) in eight interleaved partial results.
   template <class F>
   static void for_each_column(shape s, const F& f) {
     for (long j = 0; j < s.cols; ++j) f(j, one_lane{});
