@@ -100,6 +100,8 @@ template <class T, class Lanes, class Term>
 CKPT_HOST_DEVICE accumulator_t<T> column_sum(int rows, const Lanes& lanes, const Term& term) {
   using A = accumulator_t<T>;
   if constexpr (single_lane<Lanes>) {
+    // lane_sum's loop, written out: called through a lambda that narrows the index, GCC kept it
+    // out of line, and cross-entropy's and layer norm's steps took 25 % longer.
     lane_accumulator<A> acc;
     T buffer[term_block];
     for (int i0 = 0; i0 < rows; i0 += term_block) {
