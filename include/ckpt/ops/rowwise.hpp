@@ -77,7 +77,7 @@ struct softmax_forward {
     }
     // column_logsumexp's max and sum, with each exp(x - max) kept in y for the division: one
     // exp per element instead of two (the exps were a third of a causal attention layer's
-    // step on the CPU), and the same values, summed in the same order.
+    // step on the CPU), and the same values, summed as column_logsumexp sums them.
     const T* x = in + o;
     T* out = y + o;
     const T mx = column_max(x, rows, lanes);
