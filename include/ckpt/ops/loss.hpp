@@ -15,19 +15,25 @@ namespace ckpt {
 
 namespace detail {
 
-/// Column j's loss term, log-sum-exp minus the labelled logit, into loss[j].
+/// Column j's loss term, log-sum-exp minus the labelled logit, into loss[j]; the column's
+/// maximum and sum of exp(x - max) into st[2j], st[2j + 1] for the reverse.
 template <class T>
 struct cross_entropy_term {
   const T* x;
   const int* labels;
   T* loss;
+  T* st;
   int rows;
   template <class Lanes>
   CKPT_HOST_DEVICE void operator()(long j, const Lanes& lanes) const {
     const T* in = x + j * rows;
     T mx, sum;
     const T lse = column_logsumexp(in, rows, lanes, mx, sum);
-    if (lanes.lane() == 0) loss[j] = lse - in[labels[j]];
+    if (lanes.lane() == 0) {
+      loss[j] = lse - in[labels[j]];
+      st[2 * j] = mx;
+      st[2 * j + 1] = sum;
+    }
   }
 };
 template <class T>
@@ -41,11 +47,13 @@ struct mean_over {
   CKPT_HOST_DEVICE T operator()(accumulator_t<T> total) const { return n > 0 ? static_cast<T>(total / n) : T(0); }
 };
 
-/// dx of column j: scale * (softmax(x) - onehot(label)).
+/// dx of column j: scale * (softmax(x) - onehot(label)), softmax from the forward's maximum
+/// and sum (the values the forward rounded to T, so the bits are those of recomputing them).
 template <class T>
 struct cross_entropy_back {
   const T* x;
   const int* labels;
+  const T* st;
   const T* g;  // the loss's 1x1 adjoint, read where the loop runs
   T* dx;
   int rows, cols;
@@ -53,10 +61,10 @@ struct cross_entropy_back {
   CKPT_HOST_DEVICE void operator()(long j, const Lanes& lanes) const {
     const T scale = g[0] / static_cast<T>(cols);
     const T* in = x + j * rows;
-    T mx, sum;
-    column_logsumexp(in, rows, lanes, mx, sum);
+    const T mx = st[2 * j], per_exp = scale / st[2 * j + 1];
+    const int label = labels[j];
     T* d = dx + j * rows;
-    for (int i = lanes.lane(); i < rows; i += lanes.width()) d[i] += scale * (fn::exp_(in[i] - mx) / sum - (i == labels[j] ? T(1) : T(0)));
+    for (int i = lanes.lane(); i < rows; i += lanes.width()) d[i] += fn::exp_(in[i] - mx) * per_exp - (i == label ? scale : T(0));
   }
 };
 
@@ -72,6 +80,7 @@ template <class T>
 struct cross_entropy_entry {
   operand<T> x;
   std::uint32_t labels;  // the node whose buffer holds the labels (ints)
+  std::uint32_t stats;   // each column's maximum and sum of exp(x - max), 2 x cols
   std::uint32_t out;
   template <class TapeT>
   void backward(TapeT& t) const {
@@ -79,7 +88,7 @@ struct cross_entropy_entry {
     const T* g = t.adjoint_if(out);
     if (!g) return;
     T* dx = t.adjoint_of(x);
-    B::for_each_column(x.dims, cross_entropy_back<T>{x.value, labels_of(t, labels), g, dx, x.dims.rows, x.dims.cols});
+    B::for_each_column(x.dims, cross_entropy_back<T>{x.value, labels_of(t, labels), t.node(stats).value, g, dx, x.dims.rows, x.dims.cols});
   }
 };
 
@@ -106,13 +115,17 @@ auto cross_entropy(X&& logits, std::span<const int> labels) {
   static_assert(sizeof(T) >= sizeof(int));
   int* label_buffer = reinterpret_cast<int*>(static_cast<void*>(t.node(stored).value));
   B::from_host(label_buffer, labels.data(), static_cast<long>(labels.size()));
-  const std::uint32_t out = t.new_output({1, 1}, "cross_entropy", op_kind::reduction, x.ref.requires_grad);
-  if (!t.is_replayed(out)) {  // each column's term, then their sum in the order of detail/accumulate.hpp
-    T* losses = B::template scratch<T>(s.cols);
-    B::for_each_column(s, detail::cross_entropy_term<T>{x.ref.value, label_buffer, losses, s.rows});
-    B::sum(t.node(out).value, s.cols, detail::element_of<T>{losses}, detail::mean_over<T>{s.cols});
-  }
-  if (x.ref.requires_grad) t.push_entry(detail::cross_entropy_entry<T>{x.ref, stored, out}, begin);
+  // Each column's maximum and sum of exps, kept for the reverse (2 x cols, against the
+  // classes x cols logits): its dx is then one exp an element where recomputing them was three
+  // passes over the logits. Not replayable, like layer norm's statistics: the forward always
+  // computes them, and with them the loss.
+  const std::uint32_t stats = t.new_output({2, s.cols}, "cross_entropy.stats", op_kind::reduction, false, false);
+  const std::uint32_t out = t.new_output({1, 1}, "cross_entropy", op_kind::reduction, x.ref.requires_grad, false);
+  // Each column's term, then their sum in the order of detail/accumulate.hpp.
+  T* losses = B::template scratch<T>(s.cols);
+  B::for_each_column(s, detail::cross_entropy_term<T>{x.ref.value, label_buffer, losses, t.node(stats).value, s.rows});
+  B::sum(t.node(out).value, s.cols, detail::element_of<T>{losses}, detail::mean_over<T>{s.cols});
+  if (x.ref.requires_grad) t.push_entry(detail::cross_entropy_entry<T>{x.ref, stored, stats, out}, begin);
   return t.var_of(out);
 }
 template <expr::Operand X>
