@@ -842,7 +842,7 @@ void bm_rowwise(benchmark::State& state, std::string op, rowwise_case c) {
   state.counters["peak_bytes"] = benchmark::Counter(static_cast<double>(held));
 }
 
-const std::vector<attention_case> attention_cases = {{16, 64, 256, 4}, {32, 12, 48, 4}};
+const std::vector<attention_case> attention_cases = {{16, 64, 256, 4}, {32, 12, 48, 4}, {4, 256, 64, 4}};
 
 void bm_attention_hand(benchmark::State& state, attention_case c) {
   verify_attention(c);

@@ -5,7 +5,7 @@
 // self-attention and a GELU MLP with RMS norms and residuals, a final RMS norm and an output
 // layer tied to the token embedding. Attention is ckpt::attention: softmax(K^T Q / sqrt(dh))
 // per sequence and head (dh = d / heads features; keys x queries, keys after the query
-// masked), applied to V, as two batched products and a softmax: three tape entries per block,
+// masked), applied to V, as batched products and a softmax in one tape entry per block,
 // whatever the batch and heads.
 //
 // Why two phases: LoRA adapts a model that already knows something, so we first make one.

@@ -894,6 +894,46 @@ TEST_CASE("attention: one Var as q and k; checkpointed and with saved products, 
   CHECK(c2.nodes_replayed == 2);
 }
 
+TEST_CASE("attention: one entry with the bits of its three ops, holding P and one head's scratch in reverse") {
+  // Scores 8x the size of a token tensor (T * heads / d), as in a model with long sequences:
+  // where the three entries held P, dP and dS at once, the one entry holds P and a scratch of
+  // one head's blocks. (Every size below is a multiple of the pool's 64 bytes.)
+  const attention_case a{8, 4, 16, 3};
+  const int n = a.T * a.sequences;
+  const Mat q = random_matrix(a.d, n, 40), k = random_matrix(a.d, n, 41), v = random_matrix(a.d, n, 42), w = random_matrix(a.d, n, 43);
+  const std::size_t scores = sizeof(double) * static_cast<std::size_t>(a.T * a.T * a.heads * a.sequences);
+  const std::size_t tokens = sizeof(double) * static_cast<std::size_t>(a.d * n);
+  const std::size_t head_scratch = scores / static_cast<std::size_t>(a.heads);
+  for (const bool causal : {false, true}) {
+    CAPTURE(causal);
+    auto run = [&](bool fused) {
+      Tape<double> t;
+      const V qv = t.variable(q), kv = t.variable(k), vv = t.variable(v);
+      const V y = fused ? attention(qv, kv, vv, a.heads, a.T, causal)
+                        : attention_output(vv, softmax(attention_scores(qv, kv, a.heads, a.T, 1.0 / std::sqrt(2.0), causal)), a.heads, a.T);
+      const V loss = sum(y * t.constant(w));
+      const std::size_t forward = t.bytes();
+      const Mat value = y.value();
+      t.backward(loss);
+      return std::tuple{value, Mat(t.grad(qv)), Mat(t.grad(kv)), Mat(t.grad(vv)), forward, t.peak_bytes(), t.counters().gemms};
+    };
+    const auto [y1, dq1, dk1, dv1, fwd1, peak1, gemms1] = run(true);
+    const auto [y3, dq3, dk3, dv3, fwd3, peak3, gemms3] = run(false);
+    CHECK(same_bits(y1, y3));
+    CHECK(same_bits(dq1, dq3));
+    CHECK(same_bits(dk1, dk3));
+    CHECK(same_bits(dv1, dv3));
+    CHECK(gemms1 == gemms3);
+    CHECK(fwd1 == fwd3);  // both hold P and the output after the forward (the scores are freed)
+    // The one entry's reverse: the output's adjoint, those of q, k, v, one head's scratch and
+    // the loss's 1x1 adjoint (64 bytes) on top of the forward.
+    CHECK(peak1 == fwd1 + 4 * tokens + head_scratch + 64);
+    // The three entries held P, dP and dS at the softmax's reverse.
+    CHECK(peak3 >= fwd3 + 2 * scores);
+    CHECK(peak1 + scores < peak3);
+  }
+}
+
 TEST_CASE("attention: causal scores are -inf after the query, and no gradient flows through them") {
   const attention_case a{4, 2, 3, 2};
   const Mat q = random_matrix(4, 6, 1), k = random_matrix(4, 6, 2), w = random_matrix(3, 12, 3);

@@ -1,8 +1,9 @@
-// ckpt — multi-head attention's two products, batched over sequences and heads: the scores
-// K^T Q of every (sequence, head) and the output V P. One entry each, whose forward and reverse
-// are strided batched GEMMs (one per head, batched over the sequences), instead of a slice,
-// a product and a concatenation per sequence and head. The softmax between them is the
-// row-wise op of ops/rowwise.hpp: a column of the scores is one query's scores over the keys.
+// ckpt — multi-head attention, batched over sequences and heads. attention_scores (the scores
+// K^T Q of every (sequence, head)) and attention_output (V P) are one entry each, whose forward
+// and reverse are strided batched GEMMs (one per head, batched over the sequences), instead of
+// a slice, a product and a concatenation per sequence and head; the softmax between them is the
+// row-wise op of ops/rowwise.hpp (a column of the scores is one query's scores over the keys).
+// attention() is the three as one entry, whose reverse goes head by head (see there).
 //
 // Layout (features x tokens, as everywhere): q and k are d x (T * sequences), sequence s in
 // columns [s T, (s + 1) T), head h in rows [h d / heads, (h + 1) d / heads). The scores are
@@ -97,6 +98,14 @@ struct causal_mask {
   }
 };
 
+/// scores = scale K^T Q per block, keys after their query -infinity when causal.
+template <class B, class TapeT, class T>
+void compute_scores(TapeT& t, const head_blocks& g, T scale, const T* q, const T* k, T* scores, bool causal) {
+  const int L = g.seq_len;
+  per_head_products<B>(t, g, true, false, L, L, g.width, scale, g.tokens(k), g.tokens(q), T(0), g.scores(scores));
+  if (causal) B::for_each_2d(shape{L, L * g.products()}, causal_mask<T>{scores, nullptr, L});
+}
+
 /// Reverse of S = scale K^T Q per block: dQ += scale K dS, dK += scale Q dS^T.
 template <class T>
 struct attention_scores_entry {
@@ -146,6 +155,73 @@ struct attention_output_entry {
   }
 };
 
+/// The softmax's reverse for one head of attention(), in place: column j of `d` (sequence
+/// j / L, query j % L) holds dP and becomes dS = P .* (dP - sum(dP .* P)), P's column read from
+/// the weights of that sequence and head. Where P is 0 (a causal mask's keys) dS is 0 too.
+template <class T>
+struct attention_weights_reverse {
+  const T* p;       // head h's block of sequence 0 in the weights
+  long p_stride;    // from one sequence's block to the next's
+  T* d;             // L x (L * sequences): dP in, dS out
+  int L;
+  template <class Lanes>
+  CKPT_HOST_DEVICE void operator()(long j, const Lanes& lanes) const {
+    const T* y = p + (j / L) * p_stride + (j % L) * L;
+    T* g = d + j * L;
+    const T dot = static_cast<T>(column_sum<T>(L, lanes, [g, y](int i) { return g[i] * y[i]; }));
+    for (int i = lanes.lane(); i < L; i += lanes.width()) g[i] = y[i] * (g[i] - dot);
+  }
+};
+
+/// Reverse of attention(): O = V P, P = softmax(S), S = scale K^T Q per block, one entry that
+/// keeps P. dV += dO P^T for every head at once; then one head at a time, in a scratch of one
+/// head's blocks (L x L x sequences), dP = V^T dO, dS from the softmax's reverse in place, and
+/// dQ += scale K dS, dK += scale Q dS^T. Neither dP nor dS ever exists for all heads at once.
+template <class T>
+struct attention_entry {
+  operand<T> q, k, v;
+  std::uint32_t weights, out;
+  head_blocks g;   // q and k's geometry
+  head_blocks gv;  // v's
+  T scale;
+  template <class TapeT>
+  void backward(TapeT& t) const {
+    using B = typename TapeT::backend_type;
+    const T* d = t.adjoint_if(out);
+    if (!d) return;
+    const T* p = t.node(weights).value;
+    T* dq = t.adjoint_of(q);
+    T* dk = t.adjoint_of(k);
+    T* dv = t.adjoint_of(v);
+    const int L = g.seq_len;
+    if (dv) per_head_products<B>(t, gv, false, true, gv.width, L, L, T(1), gv.tokens(d), gv.scores(p), T(1), gv.tokens(dv));
+    if (!dq && !dk) return;
+    const shape block{L, L * g.sequences};
+    typename std::remove_reference_t<decltype(t.pool())>::lease scratch(t.pool(), TapeT::bytes_of(block));
+    T* ds = scratch.template as<T>();
+    const long L2 = static_cast<long>(L) * L;
+    const head_view<const T> pv = gv.scores(p);
+    const head_view<const T> vv = gv.tokens(v.value), dov = gv.tokens(d);
+    const head_view<const T> qv = g.tokens(q.value), kv = g.tokens(k.value);
+    for (int h = 0; h < g.heads; ++h) {
+      B::gemm_batched(true, false, L, L, gv.width, T(1), vv.at(h), vv.ld, vv.stride, dov.at(h), dov.ld, dov.stride, T(0), ds, L, L2,
+                      g.sequences);
+      B::for_each_column(block, attention_weights_reverse<T>{pv.at(h), pv.stride, ds, L});
+      if (dq) {
+        const head_view<T> out_q = g.tokens(dq);
+        B::gemm_batched(false, false, g.width, L, L, scale, kv.at(h), kv.ld, kv.stride, ds, L, L2, T(1), out_q.at(h), out_q.ld,
+                        out_q.stride, g.sequences);
+      }
+      if (dk) {
+        const head_view<T> out_k = g.tokens(dk);
+        B::gemm_batched(false, true, g.width, L, L, scale, qv.at(h), qv.ld, qv.stride, ds, L, L2, T(1), out_k.at(h), out_k.ld,
+                        out_k.stride, g.sequences);
+      }
+    }
+    t.counters().gemms += static_cast<std::size_t>(g.products()) * (1 + (dq ? 1 : 0) + (dk ? 1 : 0));
+  }
+};
+
 }  // namespace detail
 
 /// scale * K^T Q for every sequence and head, keys x queries: q and k are d x (seq_len *
@@ -167,12 +243,7 @@ auto attention_scores(Q&& qin, K&& kin, int heads, int seq_len, double scale, bo
   const shape so{seq_len, seq_len * heads * g.sequences};
   const std::uint32_t out = t.new_output(so, op, op_kind::matmul, grad);
   const T s = static_cast<T>(scale);
-  if (!t.is_replayed(out)) {
-    T* y = t.node(out).value;
-    detail::per_head_products<B>(t, g, true, false, seq_len, seq_len, g.width, s, g.tokens(k.ref.value), g.tokens(q.ref.value), T(0),
-                                 g.scores(y));
-    if (causal) B::for_each_2d(so, detail::causal_mask<T>{y, nullptr, seq_len});
-  }
+  if (!t.is_replayed(out)) detail::compute_scores<B>(t, g, s, q.ref.value, k.ref.value, t.node(out).value, causal);
   if (grad) t.push_entry(detail::attention_scores_entry<T>{q.ref, k.ref, out, g, s, causal}, begin);
   t.set_consumable(out);  // the reverse reads q and k, never the scores
   return t.var_of(out);
@@ -208,21 +279,53 @@ auto attention_output(V&& vin, P&& pin, int heads, int seq_len) {
 }
 
 /// Multi-head scaled dot-product attention, softmax(K^T Q / sqrt(d / heads)) per sequence and
-/// head, applied to V: three entries (attention_scores, softmax, attention_output). q, k: d x
-/// (seq_len * sequences), v: dv x (seq_len * sequences); the result has v's shape. The scores
-/// are freed once the softmax is computed (neither reverse reads them), so a layer holds the
-/// weights and the output, as the hand-written step does.
+/// head, applied to V. q, k: d x (seq_len * sequences), v: dv x (seq_len * sequences); the
+/// result has v's shape. One entry, the computation of attention_output(v, softmax(
+/// attention_scores(q, k, ...))) with the same bits, which keeps the weights P (a node of op
+/// "attention.weights", kind matmul, so save::matmul keeps it with the output and a re-trace
+/// redoes nothing) and whose reverse works one head at a time: it holds P and a scratch of one
+/// head's blocks, where the three entries held P, its adjoint and the scores' adjoint.
 template <expr::Operand Q, expr::Operand K, expr::Operand V>
-auto attention(Q&& q, K&& k, V&& v, int heads, int seq_len, bool causal = false) {
-  // Every shape first, so that a bad v throws before the scores and softmax are recorded.
+auto attention(Q&& qin, K&& kin, V&& vin, int heads, int seq_len, bool causal = false) {
+  // Every shape first, so that a bad v throws before anything is recorded.
   const char* op = "attention";
-  const shape sq = detail::shape_of(q, op), sv = detail::shape_of(v, op);
-  detail::query_key_blocks(sq, detail::shape_of(k, op), heads, seq_len, op);
-  detail::split_heads(sv, heads, seq_len, op, "v");
+  const shape sq = detail::shape_of(qin, op), sv = detail::shape_of(vin, op);
+  const detail::head_blocks g = detail::query_key_blocks(sq, detail::shape_of(kin, op), heads, seq_len, op);
+  const detail::head_blocks gv = detail::split_heads(sv, heads, seq_len, op, "v");
   if (sv.cols != sq.cols) throw shape_error(detail::cat(op, ": v ", sv, " and q ", sq, " have different numbers of tokens"));
-  const double scale = 1.0 / std::sqrt(static_cast<double>(sq.rows / heads));
-  auto weights = softmax(attention_scores(std::forward<Q>(q), std::forward<K>(k), heads, seq_len, scale, causal));
-  return attention_output(std::forward<V>(v), std::move(weights), heads, seq_len);
+  auto q = detail::resolve(std::forward<Q>(qin), op);
+  auto k = detail::resolve(std::forward<K>(kin), op);
+  auto v = detail::resolve(std::forward<V>(vin), op);
+  auto& t = detail::tape_of(q, k, v, op);
+  using T = typename std::remove_reference_t<decltype(t)>::value_type;
+  using B = typename std::remove_reference_t<decltype(t)>::backend_type;
+  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(g.width)));
+  const bool grad = q.ref.requires_grad || k.ref.requires_grad || v.ref.requires_grad;
+  const shape sp{seq_len, seq_len * heads * g.sequences};
+  auto weights_into = [&](T* p) {
+    detail::compute_scores<B>(t, g, scale, q.ref.value, k.ref.value, p, causal);
+    B::for_each_column(sp, detail::softmax_forward<T>{p, p, seq_len, false});  // in place
+  };
+  auto output_from = [&](const T* p, T* o) {
+    detail::per_head_products<B>(t, gv, false, false, gv.width, seq_len, seq_len, T(1), gv.tokens(v.ref.value), gv.scores(p), T(0),
+                                 gv.tokens(o));
+  };
+  const std::uint32_t begin = static_cast<std::uint32_t>(t.node_count());
+  if (!grad) {  // nothing will read P: a temporary from the pool, not a node
+    typename std::remove_reference_t<decltype(t.pool())>::lease p(t.pool(), Tape<T, B>::bytes_of(sp));
+    const std::uint32_t out = t.new_output(sv, op, op_kind::matmul, false);
+    weights_into(p.template as<T>());
+    output_from(p.template as<T>(), t.node(out).value);
+    return t.var_of(out);
+  }
+  const std::uint32_t weights = t.new_output(sp, "attention.weights", op_kind::matmul, false);
+  const std::uint32_t out = t.new_output(sv, op, op_kind::matmul, true);
+  T* p = t.node(weights).value;
+  if (!t.is_replayed(weights)) weights_into(p);
+  if (!t.is_replayed(out)) output_from(p, t.node(out).value);
+  t.push_entry(detail::attention_entry<T>{q.ref, k.ref, v.ref, weights, out, g, gv, scale}, begin);
+  t.set_consumable(out);  // the reverse reads q, k, v and P, never the output
+  return t.var_of(out);
 }
 
 // Found by argument-dependent lookup for expression arguments too (expressions live in

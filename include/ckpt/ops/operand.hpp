@@ -73,6 +73,15 @@ auto& tape_of(const RA& a, const RB& b, const char* op) {
   if (!t) throw tape_error(cat(op, ": no operand is on a tape; bring a parameter onto one with tape.param(p)"));
   return *t;
 }
+/// The tape three operands share.
+template <class RA, class RB, class RC>
+auto& tape_of(const RA& a, const RB& b, const RC& c, const char* op) {
+  static_assert(std::is_same_v<RA, RB> && std::is_same_v<RA, RC>,
+                "ckpt: an op mixes tensors of different backends, or float and double tensors");
+  auto* t = expr::common_tape(expr::common_tape(a.tape, b.tape, op), c.tape, op);
+  if (!t) throw tape_error(cat(op, ": no operand is on a tape; bring a parameter onto one with tape.param(p)"));
+  return *t;
+}
 template <class T, class B>
 Tape<T, B>& tape_of(const resolved<T, B>& a, const char* op) {
   if (!a.tape) throw tape_error(cat(op, ": the operand is not on a tape; bring a parameter onto one with tape.param(p)"));
