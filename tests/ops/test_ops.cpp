@@ -11,6 +11,7 @@
 #include <numbers>
 #include <random>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -590,6 +591,20 @@ TEST_CASE("loss: cross_entropy with integer labels") {
     expect_op([labels](Tape<double>&, Vs v) -> V { return cross_entropy(v[0] * 3.0 + 2.0, std::span<const int>(labels)); }, {x},
               scalar_mat(cross_entropy_ref((3.0 * x.array() + 2.0).matrix(), labels)));
   }
+  // What the reverse keeps (the labels, each column's maximum and sum of exps: 3 x cols) is
+  // a node only when there is a reverse; for a constant it is a temporary, given back.
+  const Mat x = random_in({7, 40}, 1099);
+  const std::vector<int> labels = random_labels(7, 40, 1098);
+  Tape<double> t;
+  const V c = t.constant(x), v = t.variable(x);
+  // (A 1x1 value takes the pool's 64-byte alignment; 3 x 40 doubles are 15 x 64 bytes.)
+  const std::size_t inputs = t.bytes(), scalar = 64, kept = Tape<double>::bytes_of({3, 40});
+  const V lc = cross_entropy(c, labels);
+  CHECK(t.bytes() == inputs + scalar);
+  const V lv = cross_entropy(v, labels);
+  CHECK(t.bytes() == inputs + 2 * scalar + kept);
+  CHECK(same_bits(lc.value(), lv.value()));
+  CHECK(std::abs(lv.item() - cross_entropy_ref(x, labels)) <= 1e-14);
 }
 
 // ------------------------------------------------------------------ products and layout
@@ -931,6 +946,84 @@ TEST_CASE("attention: one entry with the bits of its three ops, holding P and on
     // The three entries held P, dP and dS at the softmax's reverse.
     CHECK(peak3 >= fwd3 + 2 * scores);
     CHECK(peak1 + scores < peak3);
+  }
+}
+
+namespace {
+template <fixed_string Op>
+struct keep_op {  // a save predicate that keeps the values of one op
+  static bool save(const node_info& n) { return n.op != nullptr && std::string_view(n.op) == Op.view(); }
+};
+}  // namespace
+
+TEST_CASE("attention: constant operands, no gradient at all, and predicates that keep the weights or the output alone") {
+  const attention_case a{6, 3, 4, 2};  // q, k: 3 heads of 2 rows; v: 3 heads of 3 rows
+  const int n = a.T * a.sequences;
+  const Mat q = random_matrix(6, n, 50), k = random_matrix(6, n, 51), v = random_matrix(9, n, 52), w = random_matrix(9, n, 53);
+  const double scale = 1.0 / std::sqrt(2.0);
+  const std::size_t products = static_cast<std::size_t>(a.heads * a.sequences);
+  for (const bool causal : {false, true}) {
+    CAPTURE(causal);
+    // Every choice of which of q, k, v are variables: the one entry against the three ops.
+    for (int mask = 0; mask < 8; ++mask) {
+      CAPTURE(mask);
+      auto run = [&](bool fused) {
+        Tape<double> t;
+        auto on = [&](const Mat& m, int bit) { return (mask >> bit) & 1 ? t.variable(m) : t.constant(m); };
+        const V qv = on(q, 0), kv = on(k, 1), vv = on(v, 2);
+        const V y = fused ? attention(qv, kv, vv, a.heads, a.T, causal)
+                          : attention_output(vv, softmax(attention_scores(qv, kv, a.heads, a.T, scale, causal)), a.heads, a.T);
+        const Mat value = y.value();
+        const std::size_t held = t.bytes();
+        if (mask) t.backward(sum(y * t.constant(w)));
+        auto grad = [&](const V& x, int bit) { return (mask >> bit) & 1 ? Mat(t.grad(x)) : Mat(); };
+        return std::tuple{value, grad(qv, 0), grad(kv, 1), grad(vv, 2), held, t.counters().gemms};
+      };
+      const auto [y1, dq1, dk1, dv1, held1, gemms1] = run(true);
+      const auto [y3, dq3, dk3, dv3, held3, gemms3] = run(false);
+      CHECK(same_bits(y1, y3));
+      CHECK(same_bits(dq1, dq3));
+      CHECK(same_bits(dk1, dk3));
+      CHECK(same_bits(dv1, dv3));
+      CHECK(gemms1 == gemms3);
+      if (mask == 0) {  // no reverse: the weights were a temporary, given back; the tape holds the inputs and the output
+        const std::size_t leaves = 2 * Tape<double>::bytes_of({6, n}) + Tape<double>::bytes_of({9, n});
+        CHECK(held1 == leaves + Tape<double>::bytes_of({9, n}));
+      }
+    }
+    // Checkpointed, keeping the weights alone, the output alone, or both: the same bits, and
+    // a re-trace redoes exactly the products of what was not kept.
+    auto run = [&](int mode, bool variables) {
+      Tape<double> tape;
+      const V xv = tape.variable(q), vv = variables ? tape.variable(v) : tape.constant(v), h = tape.variable(w);
+      const V kc = variables ? xv * 2.0 : eval(tape.constant(k) * 1.0);
+      const V qc = variables ? xv : tape.constant(q);
+      auto layer = [&](const V& x) -> V { return x * attention(qc, kc, vv, a.heads, a.T, causal); };
+      V y;
+      if (mode == 0) y = layer(h);
+      if (mode == 1) y = checkpoint(layer, h);
+      if (mode == 2) y = checkpoint<keep_op<"attention.weights">>(layer, h);
+      if (mode == 3) y = checkpoint<keep_op<"attention">>(layer, h);
+      if (mode == 4) y = checkpoint<save::matmul>(layer, h);
+      tape.backward(sum(square(y)));
+      return std::tuple{Mat(tape.grad(h)), variables ? Mat(tape.grad(xv)) : Mat(), tape.counters().gemms};
+    };
+    for (const bool variables : {true, false}) {
+      CAPTURE(variables);
+      const auto [h0, x0, c0] = run(0, variables);
+      for (int mode = 1; mode <= 4; ++mode) {
+        CAPTURE(mode);
+        const auto [h1, x1, c1] = run(mode, variables);
+        CHECK(same_bits(h0, h1));
+        CHECK(same_bits(x0, x1));
+        // Re-traced: the scores (unless the weights were kept) and the output (unless kept).
+        // Without a reverse (constant q, k, v) the weights are no node: only a kept output
+        // spares the products.
+        const bool kept_out = mode == 3 || mode == 4, kept_weights = variables && (mode == 2 || mode == 4);
+        const std::size_t redone = (kept_weights || (!variables && kept_out) ? 0 : products) + (kept_out ? 0 : products);
+        CHECK(c1 == c0 + redone);
+      }
+    }
   }
 }
 

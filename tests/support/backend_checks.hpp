@@ -123,6 +123,10 @@ void check_other_ops(int R, int C) {
   const Mat q = random_matrix(12, 60, 10), k = random_matrix(12, 60, 11), v = random_matrix(6, 60, 12);  // 3 heads, 6 sequences of 10
   same("attention", [](auto&, auto in) { return attention(in[0], in[1], in[2], 3, 10); }, {q, k, v});
   same("causal attention", [](auto&, auto in) { return attention(in[0], in[1], in[2], 3, 10, true); }, {q, k, v});
+  // Sequences longer than a warp (each lane takes several rows of a column), heads of v wider
+  // than those of q and k.
+  const Mat ql = random_matrix(8, 90, 13), kl = random_matrix(8, 90, 14), vl = random_matrix(12, 90, 15);  // 2 heads, 2 sequences of 45
+  same("causal attention over 45 tokens", [](auto&, auto in) { return attention(in[0], in[1], in[2], 2, 45, true); }, {ql, kl, vl});
 }
 
 /// Sums over long dimensions in float on backend B against the same program in double on the

@@ -312,10 +312,13 @@ auto attention(Q&& qin, K&& kin, V&& vin, int heads, int seq_len, bool causal = 
   };
   const std::uint32_t begin = static_cast<std::uint32_t>(t.node_count());
   if (!grad) {  // nothing will read P: a temporary from the pool, not a node
-    typename std::remove_reference_t<decltype(t.pool())>::lease p(t.pool(), Tape<T, B>::bytes_of(sp));
     const std::uint32_t out = t.new_output(sv, op, op_kind::matmul, false);
-    weights_into(p.template as<T>());
-    output_from(p.template as<T>(), t.node(out).value);
+    if (!t.is_replayed(out)) {
+      typename std::remove_reference_t<decltype(t.pool())>::lease p(t.pool(), Tape<T, B>::bytes_of(sp));
+      weights_into(p.template as<T>());
+      output_from(p.template as<T>(), t.node(out).value);
+    }
+    t.set_consumable(out);  // no entry reads it
     return t.var_of(out);
   }
   const std::uint32_t weights = t.new_output(sp, "attention.weights", op_kind::matmul, false);

@@ -343,7 +343,7 @@ auto record_gather(X&& xin, std::span<const int> ids, const char* op) {
   thread_local gather_index index;
   index.build(ids, grad);
   const std::uint32_t first = static_cast<std::uint32_t>(t.node_count());
-  // The index goes to the backend in a node of its own, as cross_entropy's labels do: the
+  // The index goes to the backend in a node, as cross_entropy's labels do: the
   // kernels read it there, and the sweep releases it after the entry.
   const long words = static_cast<long>((index.words.size() * sizeof(int) + sizeof(T) - 1) / sizeof(T));
   const std::uint32_t stored = t.new_output({1, static_cast<int>(words)}, "gather_cols.index", op_kind::layout, false, false);

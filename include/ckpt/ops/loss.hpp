@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -68,7 +69,7 @@ struct cross_entropy_back {
   }
 };
 
-/// Labels live in a node's buffer (on the backend, released with the entry like any
+/// The labels: row 0 of a node's buffer (on the backend, released with the entry like any
 /// activation); a T holds an int.
 template <class TapeT>
 const int* labels_of(TapeT& t, std::uint32_t node) {
@@ -79,8 +80,7 @@ const int* labels_of(TapeT& t, std::uint32_t node) {
 template <class T>
 struct cross_entropy_entry {
   operand<T> x;
-  std::uint32_t labels;  // the node whose buffer holds the labels (ints)
-  std::uint32_t stats;   // each column's maximum and sum of exp(x - max), 2 x cols
+  std::uint32_t kept;  // 3 x cols: the labels (ints), each column's maximum and sum of exps
   std::uint32_t out;
   template <class TapeT>
   void backward(TapeT& t) const {
@@ -88,7 +88,8 @@ struct cross_entropy_entry {
     const T* g = t.adjoint_if(out);
     if (!g) return;
     T* dx = t.adjoint_of(x);
-    B::for_each_column(x.dims, cross_entropy_back<T>{x.value, labels_of(t, labels), t.node(stats).value, g, dx, x.dims.rows, x.dims.cols});
+    B::for_each_column(x.dims, cross_entropy_back<T>{x.value, labels_of(t, kept), t.node(kept).value + x.dims.cols, g, dx, x.dims.rows,
+                                                     x.dims.cols});
   }
 };
 
@@ -108,24 +109,35 @@ auto cross_entropy(X&& logits, std::span<const int> labels) {
   auto& t = detail::tape_of(x, "cross_entropy");
   using T = typename std::remove_reference_t<decltype(t)>::value_type;
   using B = typename std::remove_reference_t<decltype(t)>::backend_type;
+  const bool grad = x.ref.requires_grad;
   const std::uint32_t begin = static_cast<std::uint32_t>(t.node_count());
-  // The labels go to the backend in a node of their own, so that forward and reverse kernels
-  // read them there; the sweep releases it after the entry.
-  const std::uint32_t stored = t.new_output({1, s.cols}, "cross_entropy.labels", op_kind::reduction, false, false);
+  // What the kernels read besides the logits, 3 x cols: row 0 the labels (an int in each
+  // T-sized slot), copied to the backend so that forward and reverse kernels read them there;
+  // rows 1-2 each column's maximum and sum of exp(x - max), kept for the reverse, whose dx is
+  // then one exp an element where recomputing them was three passes over the logits. A node
+  // when there is a reverse (not replayable, like layer norm's statistics: the forward always
+  // computes them, and with them the loss; the sweep releases it after the entry), otherwise
+  // a temporary from the pool.
+  const shape ks{3, s.cols};
+  std::optional<typename std::remove_reference_t<decltype(t.pool())>::lease> temporary;
+  std::uint32_t kept = 0;
+  T* buffer = nullptr;
+  if (grad) {
+    kept = t.new_output(ks, "cross_entropy.kept", op_kind::reduction, false, false);
+    buffer = t.node(kept).value;
+  } else {
+    temporary.emplace(t.pool(), Tape<T, B>::bytes_of(ks));
+    buffer = temporary->template as<T>();
+  }
   static_assert(sizeof(T) >= sizeof(int));
-  int* label_buffer = reinterpret_cast<int*>(static_cast<void*>(t.node(stored).value));
+  int* label_buffer = reinterpret_cast<int*>(static_cast<void*>(buffer));
   B::from_host(label_buffer, labels.data(), static_cast<long>(labels.size()));
-  // Each column's maximum and sum of exps, kept for the reverse (2 x cols, against the
-  // classes x cols logits): its dx is then one exp an element where recomputing them was three
-  // passes over the logits. Not replayable, like layer norm's statistics: the forward always
-  // computes them, and with them the loss.
-  const std::uint32_t stats = t.new_output({2, s.cols}, "cross_entropy.stats", op_kind::reduction, false, false);
-  const std::uint32_t out = t.new_output({1, 1}, "cross_entropy", op_kind::reduction, x.ref.requires_grad, false);
+  const std::uint32_t out = t.new_output({1, 1}, "cross_entropy", op_kind::reduction, grad, false);
   // Each column's term, then their sum in the order of detail/accumulate.hpp.
   T* losses = B::template scratch<T>(s.cols);
-  B::for_each_column(s, detail::cross_entropy_term<T>{x.ref.value, label_buffer, losses, t.node(stats).value, s.rows});
+  B::for_each_column(s, detail::cross_entropy_term<T>{x.ref.value, label_buffer, losses, buffer + s.cols, s.rows});
   B::sum(t.node(out).value, s.cols, detail::element_of<T>{losses}, detail::mean_over<T>{s.cols});
-  if (x.ref.requires_grad) t.push_entry(detail::cross_entropy_entry<T>{x.ref, stored, stats, out}, begin);
+  if (grad) t.push_entry(detail::cross_entropy_entry<T>{x.ref, kept, out}, begin);
   return t.var_of(out);
 }
 template <expr::Operand X>
