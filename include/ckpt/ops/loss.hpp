@@ -69,7 +69,7 @@ struct cross_entropy_back {
   }
 };
 
-/// The labels: row 0 of a node's buffer (on the backend, released with the entry like any
+/// The labels: the first slots of a node's buffer (on the backend, released with the entry like any
 /// activation); a T holds an int.
 template <class TapeT>
 const int* labels_of(TapeT& t, std::uint32_t node) {
@@ -80,7 +80,7 @@ const int* labels_of(TapeT& t, std::uint32_t node) {
 template <class T>
 struct cross_entropy_entry {
   operand<T> x;
-  std::uint32_t kept;  // 3 x cols: the labels (ints), each column's maximum and sum of exps
+  std::uint32_t kept;  // 3 x cols values: the labels (ints), then each column's maximum and sum of exps
   std::uint32_t out;
   template <class TapeT>
   void backward(TapeT& t) const {
@@ -111,13 +111,13 @@ auto cross_entropy(X&& logits, std::span<const int> labels) {
   using B = typename std::remove_reference_t<decltype(t)>::backend_type;
   const bool grad = x.ref.requires_grad;
   const std::uint32_t begin = static_cast<std::uint32_t>(t.node_count());
-  // What the kernels read besides the logits, 3 x cols: row 0 the labels (an int in each
-  // T-sized slot), copied to the backend so that forward and reverse kernels read them there;
-  // rows 1-2 each column's maximum and sum of exp(x - max), kept for the reverse, whose dx is
-  // then one exp an element where recomputing them was three passes over the logits. A node
-  // when there is a reverse (not replayable, like layer norm's statistics: the forward always
-  // computes them, and with them the loss; the sweep releases it after the entry), otherwise
-  // a temporary from the pool.
+  // What the kernels read besides the logits, 3 x cols values: first the labels (an int in
+  // each T-sized slot), copied to the backend so that forward and reverse kernels read them
+  // there; then each column's maximum and sum of exp(x - max), in pairs, kept for the reverse,
+  // whose dx is then one exp an element where recomputing them was three passes over the
+  // logits. A node when there is a reverse (not replayable, like layer norm's statistics: the
+  // forward always computes them, and with them the loss; the sweep releases it after the
+  // entry), otherwise a temporary from the pool.
   const shape ks{3, s.cols};
   std::optional<typename std::remove_reference_t<decltype(t.pool())>::lease> temporary;
   std::uint32_t kept = 0;
