@@ -59,6 +59,8 @@ TEST_CASE("bad input: mismatched shapes name the op and the shapes, record nothi
   const V col3 = tape.variable(random_matrix(3, 1, 4));
   const V g2 = tape.variable(random_matrix(2, 1, 5));
   const V g3 = tape.variable(random_matrix(3, 1, 6));
+  const V q4 = tape.variable(random_matrix(4, 3, 7)), k6 = tape.variable(random_matrix(6, 3, 8));  // attention's heads
+  const V k3 = tape.variable(random_matrix(3, 3, 9)), k2 = tape.variable(random_matrix(2, 3, 10));
   const unchanged same{tape};
 
   SUBCASE("elementwise") {
@@ -121,7 +123,19 @@ TEST_CASE("bad input: mismatched shapes name the op and the shapes, record nothi
                          shape_error);
     CHECK_THROWS_WITH_AS(attention(a, a * 2.0, col3 * 1.0, 2, 1), doctest::Contains("attention: v 3x1 has 3 rows, which do not split into 2 heads"),
                          shape_error);
-    CHECK_THROWS_WITH_AS(attention(a, c, a, 1, 1), doctest::Contains("attention: q 2x3 and k 2x4 differ"), shape_error);
+    CHECK_THROWS_WITH_AS(attention(a, c, a, 1, 1), doctest::Contains("attention: k 2x4 and q 2x3 have different numbers of tokens"),
+                         shape_error);
+    // Grouped-query attention: k's rows must be whole heads of q's width, dividing q's heads.
+    CHECK_THROWS_WITH_AS(attention(q4, b * 1.0, b, 2, 1), doctest::Contains("attention: k 3x2 and q 4x3 have different numbers of tokens"),
+                         shape_error);
+    CHECK_THROWS_WITH_AS(attention(q4, k3 * 1.0, b, 2, 1),  // 3 rows: not whole heads of 2
+                         doctest::Contains("attention: k 3x3 must have q's 4 rows, or for grouped-query attention a number of heads of 2 "
+                                           "rows (q's) that divides q's 2 heads"),
+                         shape_error);
+    CHECK_THROWS_WITH_AS(attention(q4, k6, q4, 2, 1),  // 3 heads of k for 2 of q
+                         doctest::Contains("attention: k 6x3 must have q's 4 rows, or for grouped-query attention"), shape_error);
+    CHECK_THROWS_WITH_AS(attention(q4, k2, b * 1.0, 4, 1),  // 2 key/value heads of 1 row for 4 query heads: v splits into 2
+                         doctest::Contains("attention: v 3x2 has 3 rows, which do not split into 2 heads"), shape_error);
   }
   SUBCASE("slice_rows out of range") {
     CHECK_THROWS_WITH_AS(slice_rows(b, 2, 2), doctest::Contains("slice_rows: rows [2, 4) are outside a 3x2 tensor"), shape_error);

@@ -1027,6 +1027,72 @@ TEST_CASE("attention: constant operands, no gradient at all, and predicates that
   }
 }
 
+namespace {
+/// Each head of `width` rows repeated `group` times (a key/value tensor as plain multi-head
+/// attention would need it), and the reverse: each group of heads' rows summed into one.
+Mat repeat_heads(const Mat& m, int width, int group) {
+  const int heads = static_cast<int>(m.rows()) / width;
+  Mat out(m.rows() * group, m.cols());
+  for (int h = 0; h < heads * group; ++h) out.middleRows(h * width, width) = m.middleRows((h / group) * width, width);
+  return out;
+}
+Mat sum_heads(const Mat& m, int width, int group) {
+  const int heads = static_cast<int>(m.rows()) / width;
+  Mat out = Mat::Zero(m.rows() / group, m.cols());
+  for (int h = 0; h < heads; ++h) out.middleRows((h / group) * width, width) += m.middleRows(h * width, width);
+  return out;
+}
+}  // namespace
+
+TEST_CASE("attention: grouped-query and multi-query attention against each key/value head repeated") {
+  const int heads = 6, w = 2, dv = 3, T = 5, sequences = 2, n = T * sequences;
+  const Mat q = random_matrix(heads * w, n, 60);
+  for (const int kv : {3, 2, 1}) {  // 2 or 3 query heads per key/value head; 1: multi-query
+    CAPTURE(kv);
+    const int group = heads / kv;
+    const Mat k = random_matrix(kv * w, n, 61), v = random_matrix(kv * dv, n, 62), wt = random_matrix(heads * dv, n, 63);
+    for (const bool causal : {false, true}) {
+      CAPTURE(causal);
+      auto run = [&](const Mat& kin, const Mat& vin) {
+        Tape<double> t;
+        const V qv = t.variable(q), kvv = t.variable(kin), vv = t.variable(vin);
+        const V y = attention(qv, kvv, vv, heads, T, causal);
+        const Mat value = y.value();
+        t.backward(sum(y * t.constant(wt)));
+        return std::tuple{value, Mat(t.grad(qv)), Mat(t.grad(kvv)), Mat(t.grad(vv))};
+      };
+      const auto [y, dq, dk, dvv] = run(k, v);
+      const auto [ye, dqe, dke, dve] = run(repeat_heads(k, w, group), repeat_heads(v, dv, group));
+      CHECK(y.rows() == heads * dv);
+      CHECK(close_rel(y, ye, 1e-14));
+      CHECK(close_rel(dq, dqe, 1e-13));
+      CHECK(close_rel(dk, sum_heads(dke, w, group), 1e-13));
+      CHECK(close_rel(dvv, sum_heads(dve, dv, group), 1e-13));
+      expect_grad([=](Tape<double>&, Vs x) -> V { return attention(x[0], x[1], x[2], heads, T, causal); }, {q, k, v});
+    }
+    // Checkpointed (and keeping the weights and output): the same bits as the plain run.
+    auto run = [&](int mode) {
+      Tape<double> tape;
+      const V qv = tape.variable(q), kvv = tape.variable(k), vv = tape.variable(v);
+      auto layer = [&](const V& x, const V& kk, const V& vvv) -> V { return tanh(attention(x, kk * 2.0, vvv, heads, T, true)); };
+      V y;
+      if (mode == 0) y = layer(qv, kvv, vv);
+      if (mode == 1) y = checkpoint(layer, qv, kvv, vv);
+      if (mode == 2) y = checkpoint<save::matmul>(layer, qv, kvv, vv);
+      tape.backward(sum(square(y)));
+      return std::tuple{Mat(tape.grad(qv)), Mat(tape.grad(kvv)), Mat(tape.grad(vv))};
+    };
+    const auto [q0, k0, v0] = run(0);
+    for (int mode = 1; mode <= 2; ++mode) {
+      CAPTURE(mode);
+      const auto [q1, k1, v1] = run(mode);
+      CHECK(same_bits(q0, q1));
+      CHECK(same_bits(k0, k1));
+      CHECK(same_bits(v0, v1));
+    }
+  }
+}
+
 TEST_CASE("attention: causal scores are -inf after the query, and no gradient flows through them") {
   const attention_case a{4, 2, 3, 2};
   const Mat q = random_matrix(4, 6, 1), k = random_matrix(4, 6, 2), w = random_matrix(3, 12, 3);

@@ -127,6 +127,9 @@ void check_other_ops(int R, int C) {
   // than those of q and k.
   const Mat ql = random_matrix(8, 90, 13), kl = random_matrix(8, 90, 14), vl = random_matrix(12, 90, 15);  // 2 heads, 2 sequences of 45
   same("causal attention over 45 tokens", [](auto&, auto in) { return attention(in[0], in[1], in[2], 2, 45, true); }, {ql, kl, vl});
+  // Grouped-query attention: 6 query heads of 2 rows, 2 key/value heads (v's of 3 rows).
+  const Mat qg = random_matrix(12, 60, 16), kg = random_matrix(4, 60, 17), vg = random_matrix(6, 60, 18);
+  same("grouped-query attention", [](auto&, auto in) { return attention(in[0], in[1], in[2], 6, 10, true); }, {qg, kg, vg});
 }
 
 /// Sums over long dimensions in float on backend B against the same program in double on the

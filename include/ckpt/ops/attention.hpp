@@ -24,13 +24,16 @@ namespace ckpt {
 namespace detail {
 
 /// One operand of attention's batched products: the block of sequence s and head h is the
-/// matrix at p + h * head_step + s * stride, with leading dimension ld.
+/// matrix at p + (h / share) * head_step + s * stride, with leading dimension ld. `share` is 1
+/// but for the keys and values of grouped-query attention, whose head serves `share` query heads.
 template <class P>
 struct head_view {
   P* p;
   int ld;
   long head_step, stride;
-  P* at(int h) const { return p + h * head_step; }
+  int share = 1;
+  P* at(int h) const { return p + (h / share) * head_step; }
+  head_view shared_by(int group) const { return {p, ld, head_step, stride, group}; }
 };
 
 /// The batched-head geometry of a d x (T * sequences) tensor.
@@ -98,11 +101,12 @@ struct causal_mask {
   }
 };
 
-/// scores = scale K^T Q per block, keys after their query -infinity when causal.
+/// scores = scale K^T Q per block (g: q's geometry), keys after their query -infinity when
+/// causal.
 template <class B, class TapeT, class T>
-void compute_scores(TapeT& t, const head_blocks& g, T scale, const T* q, const T* k, T* scores, bool causal) {
+void compute_scores(TapeT& t, const head_blocks& g, T scale, const T* q, head_view<const T> k, T* scores, bool causal) {
   const int L = g.seq_len;
-  per_head_products<B>(t, g, true, false, L, L, g.width, scale, g.tokens(k), g.tokens(q), T(0), g.scores(scores));
+  per_head_products<B>(t, g, true, false, L, L, g.width, scale, k, g.tokens(q), T(0), g.scores(scores));
   if (causal) B::for_each_2d(shape{L, L * g.products()}, causal_mask<T>{scores, nullptr, L});
 }
 
@@ -173,16 +177,24 @@ struct attention_weights_reverse {
   }
 };
 
+/// attention()'s geometry: q's heads and head width, k's and v's (kv_heads of them, each serving
+/// `group` query heads), the output's (q's heads, v's head width).
+struct attention_blocks {
+  head_blocks q, k, v, out;
+  int group;  // query heads per key/value head: 1 but in grouped-query attention
+};
+
 /// Reverse of attention(): O = V P, P = softmax(S), S = scale K^T Q per block, one entry that
 /// keeps P. dV += dO P^T for every head at once; then one head at a time, in a scratch of one
 /// head's blocks (L x L x sequences), dP = V^T dO, dS from the softmax's reverse in place, and
 /// dQ += scale K dS, dK += scale Q dS^T. Neither dP nor dS ever exists for all heads at once.
+/// A key/value head shared by a group of query heads gathers their shares in dK and dV, in the
+/// order of the query heads.
 template <class T>
 struct attention_entry {
   operand<T> q, k, v;
   std::uint32_t weights, out;
-  head_blocks g;   // q and k's geometry
-  head_blocks gv;  // v's
+  attention_blocks g;
   T scale;
   template <class TapeT>
   void backward(TapeT& t) const {
@@ -193,34 +205,49 @@ struct attention_entry {
     T* dq = t.adjoint_of(q);
     T* dk = t.adjoint_of(k);
     T* dv = t.adjoint_of(v);
-    const int L = g.seq_len;
-    if (dv) per_head_products<B>(t, gv, false, true, gv.width, L, L, T(1), gv.tokens(d), gv.scores(p), T(1), gv.tokens(dv));
+    const int L = g.q.seq_len;
+    const head_view<const T> pv = g.q.scores(p), dov = g.out.tokens(d);
+    if (dv) per_head_products<B>(t, g.q, false, true, g.v.width, L, L, T(1), dov, pv, T(1), g.v.tokens(dv).shared_by(g.group));
     if (!dq && !dk) return;
-    const shape block{L, L * g.sequences};
+    const shape block{L, L * g.q.sequences};
     typename std::remove_reference_t<decltype(t.pool())>::lease scratch(t.pool(), TapeT::bytes_of(block));
     T* ds = scratch.template as<T>();
     const long L2 = static_cast<long>(L) * L;
-    const head_view<const T> pv = gv.scores(p);
-    const head_view<const T> vv = gv.tokens(v.value), dov = gv.tokens(d);
-    const head_view<const T> qv = g.tokens(q.value), kv = g.tokens(k.value);
-    for (int h = 0; h < g.heads; ++h) {
-      B::gemm_batched(true, false, L, L, gv.width, T(1), vv.at(h), vv.ld, vv.stride, dov.at(h), dov.ld, dov.stride, T(0), ds, L, L2,
-                      g.sequences);
+    const head_view<const T> vv = g.v.tokens(v.value).shared_by(g.group), kv = g.k.tokens(k.value).shared_by(g.group);
+    const head_view<const T> qv = g.q.tokens(q.value);
+    const int w = g.q.width, n = g.q.sequences;
+    for (int h = 0; h < g.q.heads; ++h) {
+      B::gemm_batched(true, false, L, L, g.v.width, T(1), vv.at(h), vv.ld, vv.stride, dov.at(h), dov.ld, dov.stride, T(0), ds, L, L2, n);
       B::for_each_column(block, attention_weights_reverse<T>{pv.at(h), pv.stride, ds, L});
       if (dq) {
-        const head_view<T> out_q = g.tokens(dq);
-        B::gemm_batched(false, false, g.width, L, L, scale, kv.at(h), kv.ld, kv.stride, ds, L, L2, T(1), out_q.at(h), out_q.ld,
-                        out_q.stride, g.sequences);
+        const head_view<T> to = g.q.tokens(dq);
+        B::gemm_batched(false, false, w, L, L, scale, kv.at(h), kv.ld, kv.stride, ds, L, L2, T(1), to.at(h), to.ld, to.stride, n);
       }
       if (dk) {
-        const head_view<T> out_k = g.tokens(dk);
-        B::gemm_batched(false, true, g.width, L, L, scale, qv.at(h), qv.ld, qv.stride, ds, L, L2, T(1), out_k.at(h), out_k.ld,
-                        out_k.stride, g.sequences);
+        const head_view<T> to = g.k.tokens(dk).shared_by(g.group);
+        B::gemm_batched(false, true, w, L, L, scale, qv.at(h), qv.ld, qv.stride, ds, L, L2, T(1), to.at(h), to.ld, to.stride, n);
       }
     }
-    t.counters().gemms += static_cast<std::size_t>(g.products()) * (1 + (dq ? 1 : 0) + (dk ? 1 : 0));
+    t.counters().gemms += static_cast<std::size_t>(g.q.products()) * (1 + (dq ? 1 : 0) + (dk ? 1 : 0));
   }
 };
+
+/// attention()'s shapes: q splits into heads; k has q's tokens and a number of q's heads' rows
+/// that divides q's heads (all of them, or fewer: grouped-query attention); v splits into as
+/// many heads as k, over the same tokens.
+inline attention_blocks attention_geometry(shape sq, shape sk, shape sv, int heads, int seq_len, const char* op) {
+  if (sk.cols != sq.cols) throw shape_error(cat(op, ": k ", sk, " and q ", sq, " have different numbers of tokens"));
+  const head_blocks gq = split_heads(sq, heads, seq_len, op, "q");
+  if (sk.rows % gq.width != 0 || sk.rows == 0 || heads % (sk.rows / gq.width) != 0)
+    throw shape_error(cat(op, ": k ", sk, " must have q's ", sq.rows, " rows, or for grouped-query attention a number of heads of ", gq.width,
+                          " rows (q's) that divides q's ", heads, " heads"));
+  const int kv_heads = sk.rows / gq.width;
+  const head_blocks gk = split_heads(sk, kv_heads, seq_len, op, "k");
+  const head_blocks gv = split_heads(sv, kv_heads, seq_len, op, "v");
+  if (sv.cols != sq.cols) throw shape_error(cat(op, ": v ", sv, " and q ", sq, " have different numbers of tokens"));
+  const head_blocks go{heads, seq_len, gq.sequences, gv.width, heads * gv.width};
+  return {gq, gk, gv, go, heads / kv_heads};
+}
 
 }  // namespace detail
 
@@ -243,7 +270,7 @@ auto attention_scores(Q&& qin, K&& kin, int heads, int seq_len, double scale, bo
   const shape so{seq_len, seq_len * heads * g.sequences};
   const std::uint32_t out = t.new_output(so, op, op_kind::matmul, grad);
   const T s = static_cast<T>(scale);
-  if (!t.is_replayed(out)) detail::compute_scores<B>(t, g, s, q.ref.value, k.ref.value, t.node(out).value, causal);
+  if (!t.is_replayed(out)) detail::compute_scores<B>(t, g, s, q.ref.value, g.tokens(k.ref.value), t.node(out).value, causal);
   if (grad) t.push_entry(detail::attention_scores_entry<T>{q.ref, k.ref, out, g, s, causal}, begin);
   t.set_consumable(out);  // the reverse reads q and k, never the scores
   return t.var_of(out);
@@ -279,40 +306,42 @@ auto attention_output(V&& vin, P&& pin, int heads, int seq_len) {
 }
 
 /// Multi-head scaled dot-product attention, softmax(K^T Q / sqrt(d / heads)) per sequence and
-/// head, applied to V. q, k: d x (seq_len * sequences), v: dv x (seq_len * sequences); the
-/// result has v's shape. One entry, the computation of attention_output(v, softmax(
-/// attention_scores(q, k, ...))) with the same bits, which keeps the weights P (a node of op
-/// "attention.weights", kind matmul, so save::matmul keeps it with the output and a re-trace
-/// redoes nothing) and whose reverse works one head at a time: it holds P and a scratch of one
-/// head's blocks, where the three entries held P, its adjoint and the scores' adjoint.
+/// head, applied to V. q: d x (seq_len * sequences) in `heads` heads; k: the same, or with fewer
+/// heads of the same width for grouped-query attention (kv_heads dividing heads; query head h
+/// uses key/value head h / (heads / kv_heads); one key/value head is multi-query attention);
+/// v: kv_heads heads of any width dv over the same tokens. The result has heads x dv rows and
+/// v's columns (v's shape when k has q's heads). One entry, the computation of
+/// attention_output(v, softmax(attention_scores(q, k, ...))) with the same bits when k has q's
+/// heads, which keeps the weights P (a node of op "attention.weights", kind matmul, so
+/// save::matmul keeps it with the output and a re-trace redoes nothing) and whose reverse works
+/// one head at a time: it holds P and a scratch of one head's blocks, where the three entries
+/// held P, its adjoint and the scores' adjoint.
 template <expr::Operand Q, expr::Operand K, expr::Operand V>
 auto attention(Q&& qin, K&& kin, V&& vin, int heads, int seq_len, bool causal = false) {
   // Every shape first, so that a bad v throws before anything is recorded.
   const char* op = "attention";
-  const shape sq = detail::shape_of(qin, op), sv = detail::shape_of(vin, op);
-  const detail::head_blocks g = detail::query_key_blocks(sq, detail::shape_of(kin, op), heads, seq_len, op);
-  const detail::head_blocks gv = detail::split_heads(sv, heads, seq_len, op, "v");
-  if (sv.cols != sq.cols) throw shape_error(detail::cat(op, ": v ", sv, " and q ", sq, " have different numbers of tokens"));
+  const detail::attention_blocks g =
+      detail::attention_geometry(detail::shape_of(qin, op), detail::shape_of(kin, op), detail::shape_of(vin, op), heads, seq_len, op);
   auto q = detail::resolve(std::forward<Q>(qin), op);
   auto k = detail::resolve(std::forward<K>(kin), op);
   auto v = detail::resolve(std::forward<V>(vin), op);
   auto& t = detail::tape_of(q, k, v, op);
   using T = typename std::remove_reference_t<decltype(t)>::value_type;
   using B = typename std::remove_reference_t<decltype(t)>::backend_type;
-  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(g.width)));
+  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(g.q.width)));
   const bool grad = q.ref.requires_grad || k.ref.requires_grad || v.ref.requires_grad;
-  const shape sp{seq_len, seq_len * heads * g.sequences};
+  const shape sp{seq_len, seq_len * heads * g.q.sequences}, so{g.out.rows, g.q.sequences * seq_len};
   auto weights_into = [&](T* p) {
-    detail::compute_scores<B>(t, g, scale, q.ref.value, k.ref.value, p, causal);
+    detail::compute_scores<B>(t, g.q, scale, q.ref.value, g.k.tokens(k.ref.value).shared_by(g.group), p, causal);
     B::for_each_column(sp, detail::softmax_forward<T>{p, p, seq_len, false});  // in place
   };
   auto output_from = [&](const T* p, T* o) {
-    detail::per_head_products<B>(t, gv, false, false, gv.width, seq_len, seq_len, T(1), gv.tokens(v.ref.value), gv.scores(p), T(0),
-                                 gv.tokens(o));
+    detail::per_head_products<B>(t, g.q, false, false, g.v.width, seq_len, seq_len, T(1), g.v.tokens(v.ref.value).shared_by(g.group),
+                                 g.q.scores(p), T(0), g.out.tokens(o));
   };
   const std::uint32_t begin = static_cast<std::uint32_t>(t.node_count());
   if (!grad) {  // nothing will read P: a temporary from the pool, not a node
-    const std::uint32_t out = t.new_output(sv, op, op_kind::matmul, false);
+    const std::uint32_t out = t.new_output(so, op, op_kind::matmul, false);
     if (!t.is_replayed(out)) {
       typename std::remove_reference_t<decltype(t.pool())>::lease p(t.pool(), Tape<T, B>::bytes_of(sp));
       weights_into(p.template as<T>());
@@ -322,11 +351,11 @@ auto attention(Q&& qin, K&& kin, V&& vin, int heads, int seq_len, bool causal = 
     return t.var_of(out);
   }
   const std::uint32_t weights = t.new_output(sp, "attention.weights", op_kind::matmul, false);
-  const std::uint32_t out = t.new_output(sv, op, op_kind::matmul, true);
+  const std::uint32_t out = t.new_output(so, op, op_kind::matmul, true);
   T* p = t.node(weights).value;
   if (!t.is_replayed(weights)) weights_into(p);
   if (!t.is_replayed(out)) output_from(p, t.node(out).value);
-  t.push_entry(detail::attention_entry<T>{q.ref, k.ref, v.ref, weights, out, g, gv, scale}, begin);
+  t.push_entry(detail::attention_entry<T>{q.ref, k.ref, v.ref, weights, out, g, scale}, begin);
   t.set_consumable(out);  // the reverse reads q, k, v and P, never the output
   return t.var_of(out);
 }
