@@ -135,7 +135,8 @@ TEST_CASE("bad input: mismatched shapes name the op and the shapes, record nothi
     CHECK_THROWS_WITH_AS(attention(q4, k6, q4, 2, 1),  // 3 heads of k for 2 of q
                          doctest::Contains("attention: k 6x3 must have q's 4 rows, or for grouped-query attention"), shape_error);
     CHECK_THROWS_WITH_AS(attention(q4, k2, b * 1.0, 4, 1),  // 2 key/value heads of 1 row for 4 query heads: v splits into 2
-                         doctest::Contains("attention: v 3x2 has 3 rows, which do not split into 2 heads"), shape_error);
+                         doctest::Contains("attention: v 3x2 has 3 rows, which do not split into the 2 key/value heads of k 2x3"),
+                         shape_error);
   }
   SUBCASE("slice_rows out of range") {
     CHECK_THROWS_WITH_AS(slice_rows(b, 2, 2), doctest::Contains("slice_rows: rows [2, 4) are outside a 3x2 tensor"), shape_error);

@@ -1044,6 +1044,21 @@ Mat sum_heads(const Mat& m, int width, int group) {
 }
 }  // namespace
 
+TEST_CASE("attention: q and k without rows (heads of width 0) weigh the visible keys equally") {
+  Tape<double> t;
+  const Mat vm = random_matrix(2, 4, 70);
+  const V q = t.variable(Mat(0, 4)), v = t.variable(vm);
+  const V y = attention(q, q, v, 1, 2, true);  // two sequences of 2 tokens
+  Mat want(2, 4);
+  want << vm.col(0), (vm.col(0) + vm.col(1)) / 2, vm.col(2), (vm.col(2) + vm.col(3)) / 2;
+  CHECK(close_rel(y.value(), want, 1e-15));
+  t.backward(sum(y));
+  Mat dv(2, 4);
+  dv.row(0) << 1.5, 0.5, 1.5, 0.5;
+  dv.row(1) = dv.row(0);
+  CHECK(same_bits(t.grad(v), dv));
+}
+
 TEST_CASE("attention: grouped-query and multi-query attention against each key/value head repeated") {
   const int heads = 6, w = 2, dv = 3, T = 5, sequences = 2, n = T * sequences;
   const Mat q = random_matrix(heads * w, n, 60);

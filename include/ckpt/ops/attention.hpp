@@ -9,6 +9,7 @@
 // columns [s T, (s + 1) T), head h in rows [h d / heads, (h + 1) d / heads). The scores are
 // T x (T * heads * sequences), block (s, h) in columns [(s heads + h) T, + T), keys x queries.
 // v is dv x (T * sequences) with its own head width dv / heads; the output has v's shape.
+// (attention() also takes k and v with fewer heads: grouped-query attention, see there.)
 #pragma once
 #include "ckpt/config.hpp"
 #include "ckpt/expr/functors.hpp"
@@ -238,11 +239,15 @@ struct attention_entry {
 inline attention_blocks attention_geometry(shape sq, shape sk, shape sv, int heads, int seq_len, const char* op) {
   if (sk.cols != sq.cols) throw shape_error(cat(op, ": k ", sk, " and q ", sq, " have different numbers of tokens"));
   const head_blocks gq = split_heads(sq, heads, seq_len, op, "q");
-  if (sk.rows % gq.width != 0 || sk.rows == 0 || heads % (sk.rows / gq.width) != 0)
+  // (q with no rows has heads of width 0: then k has none either, and as many heads.)
+  const bool fits = sk.rows == sq.rows || (gq.width > 0 && sk.rows > 0 && sk.rows % gq.width == 0 && heads % (sk.rows / gq.width) == 0);
+  if (!fits)
     throw shape_error(cat(op, ": k ", sk, " must have q's ", sq.rows, " rows, or for grouped-query attention a number of heads of ", gq.width,
                           " rows (q's) that divides q's ", heads, " heads"));
-  const int kv_heads = sk.rows / gq.width;
+  const int kv_heads = sk.rows == sq.rows ? heads : sk.rows / gq.width;
   const head_blocks gk = split_heads(sk, kv_heads, seq_len, op, "k");
+  if (kv_heads != heads && sv.rows % kv_heads != 0)
+    throw shape_error(cat(op, ": v ", sv, " has ", sv.rows, " rows, which do not split into the ", kv_heads, " key/value heads of k ", sk));
   const head_blocks gv = split_heads(sv, kv_heads, seq_len, op, "v");
   if (sv.cols != sq.cols) throw shape_error(cat(op, ": v ", sv, " and q ", sq, " have different numbers of tokens"));
   const head_blocks go{heads, seq_len, gq.sequences, gv.width, heads * gv.width};
