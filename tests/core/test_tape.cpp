@@ -209,6 +209,8 @@ TEST_CASE("misuse: a Var from another tape, in an op and in backward") {
   CHECK_THROWS_WITH_AS(mse(x1, x2), doctest::Contains("the operands belong to different tapes"), tape_error);
   CHECK_THROWS_WITH_AS(concat_rows({x1, x2}), doctest::Contains("concat_rows: the operands belong to different tapes"), tape_error);
   CHECK_THROWS_WITH_AS(concat_cols({x1, x2}), doctest::Contains("concat_cols: the operands belong to different tapes"), tape_error);
+  // attention's third operand (v) from the other tape, after q and k from the same one.
+  CHECK_THROWS_WITH_AS(attention(x1, x1, x2, 1, 3), doctest::Contains("attention: the operands belong to different tapes"), tape_error);
   CHECK_THROWS_WITH_AS(t2.backward(l1), doctest::Contains("backward: the Var belongs to another tape"), tape_error);
   CHECK_THROWS_WITH_AS(t2.grad(x1), doctest::Contains("grad: the Var belongs to another tape"), tape_error);
   CHECK_THROWS_WITH_AS(t2.retain(x1), doctest::Contains("retain: the Var belongs to another tape"), tape_error);

@@ -267,7 +267,7 @@ auto attention_scores(Q&& qin, K&& kin, int heads, int seq_len, double scale, bo
   const detail::head_blocks g = detail::query_key_blocks(detail::shape_of(qin, op), detail::shape_of(kin, op), heads, seq_len, op);
   auto q = detail::resolve(std::forward<Q>(qin), op);
   auto k = detail::resolve(std::forward<K>(kin), op);
-  auto& t = detail::tape_of(q, k, op);
+  auto& t = detail::shared_tape(op, q, k);
   using T = typename std::remove_reference_t<decltype(t)>::value_type;
   using B = typename std::remove_reference_t<decltype(t)>::backend_type;
   const bool grad = q.ref.requires_grad || k.ref.requires_grad;
@@ -296,7 +296,7 @@ auto attention_output(V&& vin, P&& pin, int heads, int seq_len) {
                                   " (expected ", want, ")"));
   auto v = detail::resolve(std::forward<V>(vin), op);
   auto p = detail::resolve(std::forward<P>(pin), op);
-  auto& t = detail::tape_of(v, p, op);
+  auto& t = detail::shared_tape(op, v, p);
   using T = typename std::remove_reference_t<decltype(t)>::value_type;
   using B = typename std::remove_reference_t<decltype(t)>::backend_type;
   const bool grad = v.ref.requires_grad || p.ref.requires_grad;
@@ -330,7 +330,7 @@ auto attention(Q&& qin, K&& kin, V&& vin, int heads, int seq_len, bool causal = 
   auto q = detail::resolve(std::forward<Q>(qin), op);
   auto k = detail::resolve(std::forward<K>(kin), op);
   auto v = detail::resolve(std::forward<V>(vin), op);
-  auto& t = detail::tape_of(q, k, v, op);
+  auto& t = detail::shared_tape(op, q, k, v);
   using T = typename std::remove_reference_t<decltype(t)>::value_type;
   using B = typename std::remove_reference_t<decltype(t)>::backend_type;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(g.q.width)));

@@ -76,7 +76,7 @@ auto matmul(L&& lhs, R&& rhs) {
                                   tb ? "transpose(" : "(", sb, ")"));
   auto a = detail::resolve(UL::get(std::forward<L>(lhs)), "matmul");
   auto b = detail::resolve(UR::get(std::forward<R>(rhs)), "matmul");
-  auto& t = detail::tape_of(a, b, "matmul");
+  auto& t = detail::shared_tape("matmul", a, b);
   using T = typename std::remove_reference_t<decltype(t)>::value_type;
   const bool grad = a.ref.requires_grad || b.ref.requires_grad;
   const std::uint32_t begin = static_cast<std::uint32_t>(t.node_count());

@@ -65,20 +65,12 @@ shape shape_of(const E& e, const char* op) {
   return e.dims();
 }
 
-/// The tape two operands share; throws if they come from two tapes or neither has one.
-template <class RA, class RB>
-auto& tape_of(const RA& a, const RB& b, const char* op) {
-  static_assert(std::is_same_v<RA, RB>, "ckpt: an op mixes tensors of different backends, or float and double tensors");
-  auto* t = expr::common_tape(a.tape, b.tape, op);
-  if (!t) throw tape_error(cat(op, ": no operand is on a tape; bring a parameter onto one with tape.param(p)"));
-  return *t;
-}
-/// The tape three operands share.
-template <class RA, class RB, class RC>
-auto& tape_of(const RA& a, const RB& b, const RC& c, const char* op) {
-  static_assert(std::is_same_v<RA, RB> && std::is_same_v<RA, RC>,
-                "ckpt: an op mixes tensors of different backends, or float and double tensors");
-  auto* t = expr::common_tape(expr::common_tape(a.tape, b.tape, op), c.tape, op);
+/// The tape an op's operands share; throws if they come from two tapes or none has one.
+template <class R, class... Rs>
+auto& shared_tape(const char* op, const R& a, const Rs&... rest) {
+  static_assert((std::is_same_v<R, Rs> && ...), "ckpt: an op mixes tensors of different backends, or float and double tensors");
+  auto* t = a.tape;
+  ((t = expr::common_tape(t, rest.tape, op)), ...);
   if (!t) throw tape_error(cat(op, ": no operand is on a tape; bring a parameter onto one with tape.param(p)"));
   return *t;
 }
