@@ -7,8 +7,10 @@
 # That machine has nvcc, CMake, ninja and PyTorch but no Debian packages: prepare .deps/ here
 # first (bash scripts/gpu_deps.sh), then, with the device tool:
 #   run(command="bash bench/gpu_check.sh", carry=[".deps"], timeout_s=540)
-# Results land in $OUT (the device tool's folder) or build/gpu/out; table.md is written as soon
-# as the figures are in, so a call cut short still brings it back.
+# Results land in $OUT (the device tool's folder) or build/gpu/out, at most 8 files (the tool's
+# limit): build.log, test_cuda.txt, bench_cuda.json, torch_cuda.json, table.md, memcheck.txt,
+# racecheck.txt, and configure.log when configuring fails. table.md is written as soon as the
+# figures are in, so a call cut short still brings it back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-$PWD/build/gpu/out}
@@ -32,11 +34,12 @@ command -v nvcc >/dev/null || { echo "nvcc not found"; exit 2; }
 nvcc --version | tail -2
 
 log "configure and build (sm_90, Release)"
+mkdir -p build
 deps=$PWD/.deps/usr
 [ -d "$deps" ] || { echo "no .deps/: run scripts/gpu_deps.sh on the dev machine and carry .deps"; exit 2; }
 cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCKPT_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-  -DCKPT_WERROR=OFF -DCKPT_BUILD_EXAMPLES=OFF -DCMAKE_PREFIX_PATH="$deps" -DCKPT_NATIVE=OFF >"$out/configure.log" 2>&1 ||
-  { tail -30 "$out/configure.log"; exit 1; }
+  -DCKPT_WERROR=OFF -DCKPT_BUILD_EXAMPLES=OFF -DCMAKE_PREFIX_PATH="$deps" -DCKPT_NATIVE=OFF >build/gpu-configure.log 2>&1 ||
+  { cp build/gpu-configure.log "$out/configure.log"; tail -30 "$out/configure.log"; exit 1; }
 # -k 0: a failure in one target does not stop the other; the compiler's errors are kept.
 timeout -k 5 "$(limit 240)" cmake --build build/gpu --target test_cuda bench_cuda -j "$(nproc)" -- -k 0 >"$out/build.log" 2>&1 ||
   { grep -m 30 -E "error|FAILED" "$out/build.log"; results+=("build: FAILED (see build.log)"); status=1; }
@@ -59,7 +62,7 @@ fi
 if [ -x build/gpu/bench/bench_cuda ]; then
   log "bench_cuda (at most $(limit 200) s)"
   timeout -k 5 "$(limit 200)" build/gpu/bench/bench_cuda --benchmark_min_time=1 --benchmark_out="$out/bench_cuda.json" \
-    --benchmark_out_format=json 2>&1 | tee "$out/bench_cuda.txt"
+    --benchmark_out_format=json 2>&1 | tee build/gpu/bench_cuda.txt
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { results+=("bench_cuda: FAILED (exit $rc)"); status=1; }
 fi
