@@ -26,6 +26,14 @@ struct ordered_cpu : backend::cpu {
   static void for_each(long n, const F& f) {
     for (long k = 0; k < n; ++k) f(Reverse ? n - 1 - k : k);
   }
+  template <class T, class V>
+  static void assign(long n, T* out, const V& value) {
+    for_each(n, [&](long i) { out[i] = value(i); });
+  }
+  template <class T, class V>
+  static void assign_2d(shape s, T* out, const V& value) {
+    for_each_2d(s, [&](int r, int c) { out[r + static_cast<long>(c) * s.rows] = value(r, c); });
+  }
   template <class F>
   static void for_each_2d(shape s, const F& f) {
     for_each(s.size(), [&](long i) { f(static_cast<int>(i % s.rows), static_cast<int>(i / s.rows)); });

@@ -1,7 +1,7 @@
 // ckpt — what a backend must provide. The tape and its bookkeeping stay on the host; a backend
 // owns only tensor memory and the kernels that touch it: allocation, copies (within the
 // backend, and to and from the host), products (gemm, gemm_batched), and the loop primitives every op's forward and
-// reverse are written with (for_each, for_each_2d, for_each_column, add_row_sums,
+// reverse are written with (for_each, assign, assign_2d, for_each_2d, for_each_column, add_row_sums,
 // add_broadcast_sums, sum, sum_2d,
 // and scratch for passes that hand partial results on; see backend/cpu/cpu.hpp for their
 // contracts). Loop iterations may run at the same time (they do on CUDA), so on every backend

@@ -13,20 +13,12 @@ namespace ckpt::expr {
 // Loop bodies are functors with a CKPT_HOST_DEVICE call operator, not lambdas: the CUDA
 // backend runs the same bodies in its kernels.
 
-/// out[i] = e(i), over a dense output.
-template <class E, class T>
-struct evaluate_flat {
+/// e's element i of a dense output, or (r, c) when an operand broadcasts.
+template <class E>
+struct element_of {
   E e;
-  T* out;
-  CKPT_HOST_DEVICE void operator()(long i) const { out[i] = e.at(i); }
-};
-/// out(r, c) = e(r, c), when an operand broadcasts.
-template <class E, class T>
-struct evaluate_2d {
-  E e;
-  T* out;
-  int rows;
-  CKPT_HOST_DEVICE void operator()(int r, int c) const { out[r + static_cast<long>(c) * rows] = e.at(r, c); }
+  CKPT_HOST_DEVICE auto operator()(long i) const { return e.at(i); }
+  CKPT_HOST_DEVICE auto operator()(int r, int c) const { return e.at(r, c); }
 };
 
 /// Writes e into out (rows x cols, column-major): one pass, no temporaries.
@@ -34,9 +26,9 @@ template <class E, class T>
 void evaluate(const E& e, T* out, shape s, bool dense) {
   using B = backend_of<E>;
   if (dense)
-    B::for_each(s.size(), evaluate_flat<E, T>{e, out});
+    B::assign(s.size(), out, element_of<E>{e});
   else
-    B::for_each_2d(s, evaluate_2d<E, T>{e, out, s.rows});
+    B::assign_2d(s, out, element_of<E>{e});
 }
 
 // ------------------------------------------------------------------ where the output's gradient comes from

@@ -80,7 +80,7 @@ struct one_lane {
 };
 
 /// Tensors live in host memory; products go to BLAS when CKPT_USE_BLAS is defined. The loops
-/// (for_each, for_each_2d, add_row_sums, add_broadcast_sums, sum) run in order on the calling
+/// (for_each, assign, assign_2d, for_each_2d, add_row_sums, add_broadcast_sums, sum) run in order on the calling
 /// thread: the orders they promise are the orders the reverse-mode tests compare bit for bit.
 struct cpu {
   static constexpr const char* name = "cpu";
@@ -127,6 +127,21 @@ struct cpu {
   template <class F>
   static void for_each(long n, const F& f) {
     for (long i = 0; i < n; ++i) f(i);
+  }
+  /// out[i] = value(i) for i in [0, n): an elementwise result whose values are computed from
+  /// reads alone (value(i) reads no element of out but perhaps out[i]). The same loop as
+  /// for_each here; backend::cuda has each thread compute several values before it stores
+  /// any, so that their loads are in flight together.
+  template <class T, class V>
+  static void assign(long n, T* out, const V& value) {
+    for (long i = 0; i < n; ++i) out[i] = value(i);
+  }
+  /// out(r, c) = value(r, c) over a rows x cols output (column-major), column by column here:
+  /// assign for an expression whose operands broadcast.
+  template <class T, class V>
+  static void assign_2d(shape s, T* out, const V& value) {
+    for (int c = 0; c < s.cols; ++c)
+      for (int r = 0; r < s.rows; ++r) out[r + static_cast<long>(c) * s.rows] = value(r, c);
   }
   /// f(r, c) for every element of a rows x cols tensor (column by column here).
   template <class F>

@@ -34,6 +34,43 @@ __global__ void for_each_kernel(long n, F f) {
   const long stride = static_cast<long>(gridDim.x) * blockDim.x;
   for (long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) f(i);
 }
+/// Values each thread of assign_kernel computes before it stores any: its loads (three per
+/// value for a * sigmoid(b) + c) are then in flight together, where one value per thread left
+/// too few bytes in flight per SM to keep the memory busy.
+inline constexpr int assign_per_thread = 4;
+/// assign_2d's value at flat index i = r + c * rows, in 32-bit division where Index is
+/// unsigned (64-bit division is emulated).
+template <class V, class Index>
+struct at_coordinates {
+  V value;
+  Index rows;
+  CKPT_HOST_DEVICE auto operator()(long i) const {
+    const Index u = static_cast<Index>(i);
+    return value(static_cast<int>(u % rows), static_cast<int>(u / rows));
+  }
+};
+
+/// out[i] = value(i): thread t of block b takes i = base + t + k * block_threads, k < 4, so
+/// each of its loads is a warp's coalesced read, and grid-strides on by whole blocks of values.
+template <class T, class V>
+__global__ void assign_kernel(long n, T* out, V value) {
+  constexpr int per_thread = assign_per_thread;
+  constexpr long per_block = static_cast<long>(block_threads) * per_thread;
+  const long stride = static_cast<long>(gridDim.x) * per_block;
+  for (long base = static_cast<long>(blockIdx.x) * per_block + threadIdx.x; base < n; base += stride) {
+    T v[per_thread] = {};
+    if (base + (per_thread - 1) * block_threads < n) {  // all four in range: no branch between the loads
+#pragma unroll
+      for (int k = 0; k < per_thread; ++k) v[k] = value(base + k * block_threads);
+#pragma unroll
+      for (int k = 0; k < per_thread; ++k) out[base + k * block_threads] = v[k];
+    } else {  // the last block's tail
+#pragma unroll
+      for (int k = 0; k < per_thread; ++k)
+        if (base + k * block_threads < n) out[base + k * block_threads] = value(base + k * block_threads);
+    }
+  }
+}
 template <class F>
 __global__ void for_each_2d_kernel(int rows, long n, F f) {
   const long stride = static_cast<long>(gridDim.x) * blockDim.x;
@@ -247,6 +284,21 @@ struct cuda {
     if (n <= 0) return;
     cuda_detail::for_each_kernel<<<cuda_detail::grid_for(n), cuda_detail::block_threads, 0, stream()>>>(n, f);
     cuda_detail::check_launch("for_each kernel");
+  }
+  template <class T, class V>
+  static void assign(long n, T* out, const V& value) {
+    static_assert(std::is_trivially_copyable_v<V>, "ckpt::backend::cuda: a loop body is copied to the device");
+    if (n <= 0) return;
+    const long threads = (n + cuda_detail::assign_per_thread - 1) / cuda_detail::assign_per_thread;
+    cuda_detail::assign_kernel<<<cuda_detail::grid_for(threads), cuda_detail::block_threads, 0, stream()>>>(n, out, value);
+    cuda_detail::check_launch("assign kernel");
+  }
+  template <class T, class V>
+  static void assign_2d(shape s, T* out, const V& value) {
+    if (s.size() <= 0xffffffffL)
+      assign(s.size(), out, cuda_detail::at_coordinates<V, unsigned>{value, static_cast<unsigned>(s.rows)});
+    else
+      assign(s.size(), out, cuda_detail::at_coordinates<V, long>{value, s.rows});
   }
   template <class F>
   static void for_each_2d(shape s, const F& f) {
