@@ -607,6 +607,35 @@ TEST_CASE("loss: cross_entropy with integer labels") {
   CHECK(std::abs(lv.item() - cross_entropy_ref(x, labels)) <= 1e-14);
 }
 
+TEST_CASE("layer_norm, rms_norm and gather_cols keep what their reverse reads only when there is a reverse") {
+  // Statistics (2 x cols) and gather_cols' index are nodes of the tape when the op records a
+  // reverse; on constants they are pool temporaries, given back: only the output stays.
+  const Mat x = random_in({8, 16}, 1090), g = random_in({8, 1}, 1091, 0.5, 1.5), b = random_in({8, 1}, 1092);
+  const std::vector<int> ids = {3, 0, 3, 15, 7, 7, 1, 2};
+  Tape<double> t;
+  const V c = t.constant(x), cg = t.constant(g), cb = t.constant(b), v = t.variable(x);
+  // (8 x 16 doubles are 16 x 64 bytes and 2 x 16 are 4 x 64: no rounding to the pool's 64.)
+  const std::size_t out = Tape<double>::bytes_of({8, 16}), stats = Tape<double>::bytes_of({2, 16});
+  const std::size_t gathered = Tape<double>::bytes_of({8, 8});
+  auto check_op = [&](const char* what, std::size_t bytes, std::size_t kept, auto op) {
+    CAPTURE(what);
+    const std::size_t nodes = t.node_count(), before = t.bytes();
+    const V on_constant = op(c);
+    CHECK(t.node_count() == nodes + 1);
+    CHECK(t.bytes() == before + bytes);
+    const V on_variable = op(v);
+    CHECK(t.node_count() == nodes + 3);
+    CHECK(t.bytes() >= before + 2 * bytes + kept);
+    CHECK(same_bits(on_constant.value(), on_variable.value()));
+  };
+  check_op("layer_norm", out, stats, [&](const V& a) { return layer_norm(a, cg, cb); });
+  check_op("rms_norm", out, stats, [&](const V& a) { return rms_norm(a, cg); });
+  check_op("gather_cols", gathered, 1, [&](const V& a) { return gather_cols(a, ids); });
+  // And the reverse still reads them: gradients against finite differences.
+  expect_grad([&](Tape<double>& tt, Vs vs) -> V { return layer_norm(vs[0], tt.constant(g), tt.constant(b)); }, {x});
+  expect_grad([&](Tape<double>&, Vs vs) -> V { return gather_cols(vs[0], ids); }, {x});
+}
+
 // ------------------------------------------------------------------ products and layout
 
 TEST_CASE("matmul: all four transpose combinations") {

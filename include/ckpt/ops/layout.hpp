@@ -343,17 +343,16 @@ auto record_gather(X&& xin, std::span<const int> ids, const char* op) {
   thread_local gather_index index;
   index.build(ids, grad);
   const std::uint32_t first = static_cast<std::uint32_t>(t.node_count());
-  // The index goes to the backend in a node, as cross_entropy's labels do: the
-  // kernels read it there, and the sweep releases it after the entry.
+  // The index goes to the backend as cross_entropy's labels do: the kernels read it there.
   const long words = static_cast<long>((index.words.size() * sizeof(int) + sizeof(T) - 1) / sizeof(T));
-  const std::uint32_t stored = t.new_output({1, static_cast<int>(words)}, "gather_cols.index", op_kind::layout, false, false);
-  int* index_buffer = reinterpret_cast<int*>(static_cast<void*>(t.node(stored).value));
+  const kept_for_reverse<T, B> stored(t, {1, static_cast<int>(words)}, "gather_cols.index", op_kind::layout, grad);
+  int* index_buffer = stored.template data<int>();
   B::from_host(index_buffer, index.words.data(), static_cast<long>(index.words.size()));
   const int n = index.columns;
   const std::uint32_t out = t.new_output({s.rows, n}, "gather_cols", op_kind::layout, grad);
   if (!t.is_replayed(out)) B::for_each_2d(shape{s.rows, n}, gather_column_block<T>{t.node(out).value, x.ref.value, index_buffer, s.rows});
   t.set_consumable(out);  // the reverse reads the index, never the gathered values
-  if (grad) t.push_entry(gather_cols_entry<T>{x.ref, stored, out, n, index.distinct}, first);
+  if (grad) t.push_entry(gather_cols_entry<T>{x.ref, stored.node(), out, n, index.distinct}, first);
   return t.var_of(out);
 }
 }  // namespace detail

@@ -115,29 +115,17 @@ auto cross_entropy(X&& logits, std::span<const int> labels) {
   // each T-sized slot), copied to the backend so that forward and reverse kernels read them
   // there; then each column's maximum and sum of exp(x - max), in pairs, kept for the reverse,
   // whose dx is then one exp an element where recomputing them was three passes over the
-  // logits. A node when there is a reverse (not replayable, like layer norm's statistics: the
-  // forward always computes them, and with them the loss; the sweep releases it after the
-  // entry), otherwise a temporary from the pool.
-  const shape ks{3, s.cols};
-  std::optional<typename std::remove_reference_t<decltype(t.pool())>::lease> temporary;
-  std::uint32_t kept = 0;
-  T* buffer = nullptr;
-  if (grad) {
-    kept = t.new_output(ks, "cross_entropy.kept", op_kind::reduction, false, false);
-    buffer = t.node(kept).value;
-  } else {
-    temporary.emplace(t.pool(), Tape<T, B>::bytes_of(ks));
-    buffer = temporary->template as<T>();
-  }
-  static_assert(sizeof(T) >= sizeof(int));
-  int* label_buffer = reinterpret_cast<int*>(static_cast<void*>(buffer));
+  // logits (the forward always computes them, and with them the loss).
+  const detail::kept_for_reverse<T, B> kept(t, {3, s.cols}, "cross_entropy.kept", op_kind::reduction, grad);
+  T* buffer = kept.data();
+  int* label_buffer = kept.template data<int>();
   B::from_host(label_buffer, labels.data(), static_cast<long>(labels.size()));
   const std::uint32_t out = t.new_output({1, 1}, "cross_entropy", op_kind::reduction, grad, false);
   // Each column's term, then their sum in the order of detail/accumulate.hpp.
   T* losses = B::template scratch<T>(s.cols);
   B::for_each_column(s, detail::cross_entropy_term<T>{x.ref.value, label_buffer, losses, buffer + s.cols, s.rows});
   B::sum(t.node(out).value, s.cols, detail::element_of<T>{losses}, detail::mean_over<T>{s.cols});
-  if (grad) t.push_entry(detail::cross_entropy_entry<T>{x.ref, kept, out}, begin);
+  if (grad) t.push_entry(detail::cross_entropy_entry<T>{x.ref, kept.node(), out}, begin);
   return t.var_of(out);
 }
 template <expr::Operand X>

@@ -5,6 +5,8 @@
 #include "ckpt/expr/expression.hpp"
 #include "ckpt/expr/record.hpp"
 
+#include <cstdint>
+#include <optional>
 #include <utility>
 
 namespace ckpt {
@@ -79,6 +81,38 @@ Tape<T, B>& tape_of(const resolved<T, B>& a, const char* op) {
   if (!a.tape) throw tape_error(cat(op, ": the operand is not on a tape; bring a parameter onto one with tape.param(p)"));
   return *a.tape;
 }
+
+/// Room for what an op's reverse reads beside its operands (norm statistics, cross-entropy's
+/// labels and kept maxima, gather_cols' index). When the op records a reverse, a node of the
+/// tape, not replayable (the forward always fills it), which the sweep releases after the op's
+/// entry; otherwise a temporary from the tape's pool, given back when this object goes out of
+/// scope, so that an op run without gradients leaves nothing on the tape but its output.
+template <class T, class B>
+class kept_for_reverse {
+ public:
+  kept_for_reverse(Tape<T, B>& t, shape s, const char* op, op_kind kind, bool reverse) {
+    if (reverse) {
+      node_ = t.new_output(s, op, kind, false, false);
+      data_ = t.node(node_).value;
+    } else {
+      temporary_.emplace(t.pool(), Tape<T, B>::bytes_of(s));
+      data_ = temporary_->template as<T>();
+    }
+  }
+  /// The buffer, as T or as another type no larger (int indices in T-sized slots).
+  template <class U = T>
+  U* data() const {
+    static_assert(sizeof(U) <= sizeof(T) && alignof(U) <= alignof(T));
+    return reinterpret_cast<U*>(static_cast<void*>(data_));
+  }
+  /// The node the op's entry reads it from (only when the op records a reverse).
+  std::uint32_t node() const { return node_; }
+
+ private:
+  std::optional<typename buffer_pool<B>::lease> temporary_;
+  std::uint32_t node_ = 0;
+  T* data_ = nullptr;
+};
 
 }  // namespace detail
 

@@ -251,11 +251,11 @@ Var<T, B> norm_impl(const resolved<T, B>& x, const resolved<T, B>& gain, const r
   if (bias) (void)expr::common_tape(x.tape, bias->tape, op);
   const bool grad = x.ref.requires_grad || gain.ref.requires_grad || (bias && bias->ref.requires_grad);
   const std::uint32_t begin = static_cast<std::uint32_t>(t.node_count());
-  const std::uint32_t stats = t.new_output({2, s.cols}, centred ? "layer_norm.stats" : "rms_norm.stats", op_kind::rowwise, false, false);
+  const kept_for_reverse<T, B> stats(t, {2, s.cols}, centred ? "layer_norm.stats" : "rms_norm.stats", op_kind::rowwise, grad);
   const std::uint32_t out = t.new_output(s, op, op_kind::rowwise, grad, false);
   B::for_each_column(s, norm_forward<T>{x.ref.value, gain.ref.value, bias ? bias->ref.value : nullptr, t.node(out).value,
-                                      t.node(stats).value, s.rows, eps, centred});
-  if (grad) t.push_entry(norm_entry<T>{x.ref, gain.ref, bias ? bias->ref : operand<T>{}, out, stats, centred}, begin);
+                                      stats.data(), s.rows, eps, centred});
+  if (grad) t.push_entry(norm_entry<T>{x.ref, gain.ref, bias ? bias->ref : operand<T>{}, out, stats.node(), centred}, begin);
   return t.var_of(out);
 }
 
