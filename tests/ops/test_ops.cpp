@@ -215,6 +215,8 @@ TEST_CASE("elementwise: activations, exp, log, sqrt, square, pow") {
          return (0.5 * X * (1.0 + (std::sqrt(2.0 / pi) * (X + 0.044715 * X.cube())).tanh())).matrix();
        },
        0},
+      {"gelu_erf", [](Tape<double>&, Vs v) -> V { return gelu_erf(v[0]); },
+       [](const Mat& x) -> Mat { return x.unaryExpr([](double t) { return 0.5 * t * (1.0 + std::erf(t / std::sqrt(2.0))); }); }, 0},
       {"silu", [](Tape<double>&, Vs v) -> V { return silu(v[0]); },
        [](const Mat& x) -> Mat { return (x.array() / (1.0 + (-x.array()).exp())).matrix(); }, 0},
       {"sigmoid", [](Tape<double>&, Vs v) -> V { return sigmoid(v[0]); },

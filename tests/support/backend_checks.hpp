@@ -71,6 +71,7 @@ void check_elementwise_ops(int R, int C) {
   auto unary = [&](const char* n, auto f) { same(n, [f](auto&, auto in) { return eval(f(in[0])); }, {a}); };
   unary("relu", [](const auto& x) { return relu(x); });
   unary("gelu", [](const auto& x) { return gelu(x); });
+  unary("gelu_erf", [](const auto& x) { return gelu_erf(x); });
   unary("silu", [](const auto& x) { return silu(x); });
   unary("sigmoid", [](const auto& x) { return sigmoid(x); });
   unary("tanh", [](const auto& x) { return tanh(x); });

@@ -33,6 +33,8 @@ CKPT_HOST_DEVICE CKPT_ALWAYS_INLINE T tanh_(T x) {
   return tanh(x);
 }
 template <class T>
+CKPT_HOST_DEVICE inline T erf_(T x) { using std::erf; return erf(x); }
+template <class T>
 CKPT_HOST_DEVICE inline T sqrt_(T x) { using std::sqrt; return sqrt(x); }
 template <class T>
 CKPT_HOST_DEVICE inline T pow_(T x, T p) { using std::pow; return pow(x, p); }
@@ -87,6 +89,15 @@ struct gelu {
     const T t = tanh_(inner(x));
     return T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * T(0.7978845608028654) * (T(1) + T(3 * 0.044715) * x * x);
   }
+};
+/// GELU, erf form, the exact one (PyTorch's nn.GELU() default; `gelu` is the tanh form):
+/// x Phi(x) = 0.5 x (1 + erf(x / sqrt 2)), derivative Phi(x) + x phi(x). erf is libm's on the
+/// host (a call per element: the loop does not vectorise), CUDA's on the device.
+struct gelu_erf {
+  static constexpr const char* name = "gelu_erf";
+  template <class T> CKPT_HOST_DEVICE static T cdf(T x) { return T(0.5) * (T(1) + erf_(x * T(0.7071067811865476))); }
+  template <class T> CKPT_HOST_DEVICE T operator()(T x) const { return x * cdf(x); }
+  template <class T> CKPT_HOST_DEVICE T d(T x, T) const { return cdf(x) + x * T(0.3989422804014327) * exp_(T(-0.5) * x * x); }
 };
 struct exp {
   static constexpr const char* name = "exp";

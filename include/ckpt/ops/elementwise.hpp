@@ -47,6 +47,7 @@ auto operator-(X&& x) {
 
 CKPT_UNARY_FUNCTION(relu)
 CKPT_UNARY_FUNCTION(gelu)
+CKPT_UNARY_FUNCTION(gelu_erf)
 CKPT_UNARY_FUNCTION(silu)
 CKPT_UNARY_FUNCTION(sigmoid)
 CKPT_UNARY_FUNCTION(tanh)
@@ -67,7 +68,7 @@ auto pow(X&& x, S p) {
 // Found by argument-dependent lookup for expression arguments too (expressions live in
 // ckpt::expr), so that `tanh(a + b)` means ckpt::tanh without `using namespace ckpt`.
 namespace expr {
-using ckpt::operator+, ckpt::operator-, ckpt::operator*, ckpt::operator/, ckpt::relu, ckpt::gelu, ckpt::silu, ckpt::sigmoid, ckpt::tanh, ckpt::exp, ckpt::log, ckpt::sqrt, ckpt::square, ckpt::pow;
+using ckpt::operator+, ckpt::operator-, ckpt::operator*, ckpt::operator/, ckpt::relu, ckpt::gelu, ckpt::gelu_erf, ckpt::silu, ckpt::sigmoid, ckpt::tanh, ckpt::exp, ckpt::log, ckpt::sqrt, ckpt::square, ckpt::pow;
 }  // namespace expr
 
 }  // namespace ckpt
