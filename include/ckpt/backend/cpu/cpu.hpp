@@ -80,8 +80,9 @@ struct one_lane {
 };
 
 /// Tensors live in host memory; products go to BLAS when CKPT_USE_BLAS is defined. The loops
-/// (for_each, assign, assign_2d, for_each_2d, add_row_sums, add_broadcast_sums, sum) run in order on the calling
-/// thread: the orders they promise are the orders the reverse-mode tests compare bit for bit.
+/// (for_each, assign, assign_2d, for_each_2d, add_row_sums, add_broadcast_sums, sum) run in
+/// order on the calling thread: the orders they promise are the orders the reverse-mode tests
+/// compare bit for bit.
 struct cpu {
   static constexpr const char* name = "cpu";
   static constexpr std::size_t alignment = 64;
