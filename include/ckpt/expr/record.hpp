@@ -15,7 +15,7 @@ namespace ckpt::expr {
 
 /// e's element i of a dense output, or (r, c) when an operand broadcasts.
 template <class E>
-struct element_of {
+struct expression_at {
   E e;
   CKPT_HOST_DEVICE auto operator()(long i) const { return e.at(i); }
   CKPT_HOST_DEVICE auto operator()(int r, int c) const { return e.at(r, c); }
@@ -26,9 +26,9 @@ template <class E, class T>
 void evaluate(const E& e, T* out, shape s, bool dense) {
   using B = backend_of<E>;
   if (dense)
-    B::assign(s.size(), out, element_of<E>{e});
+    B::assign(s.size(), out, expression_at<E>{e});
   else
-    B::assign_2d(s, out, element_of<E>{e});
+    B::assign_2d(s, out, expression_at<E>{e});
 }
 
 // ------------------------------------------------------------------ where the output's gradient comes from
